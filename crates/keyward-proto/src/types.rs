@@ -1,0 +1,478 @@
+//! Request and response bodies of the v1 API (API.md §3-§5, §7). Request bodies reject unknown
+//! fields so that typos never pass silently.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+/// Distinguishes "absent" (outer `None`) from "explicitly null" (`Some(None)`) in PATCH bodies.
+fn double_option<'de, T, D>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: Deserializer<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// A rate limit: `{"tier": "pro"}` or `{"limit": N, "period_s": S, "burst": B}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum RateLimit {
+    Tier {
+        tier: String,
+    },
+    Custom {
+        limit: u64,
+        period_s: u64,
+        burst: u64,
+    },
+}
+
+/// A quota: a hard cap on successful uses per UTC calendar period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    pub limit: u64,
+    /// `hour`, `day` or `month`.
+    pub period: String,
+}
+
+/// An organization.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Org {
+    pub id: Uuid,
+    pub name: String,
+    #[serde(with = "crate::ts")]
+    pub created_at: DateTime<Utc>,
+    /// `max_key_ttl_s`, `rate_limit_tiers`, `default_rate_limit`, `rules`.
+    #[schema(value_type = Object)]
+    pub policy: Value,
+}
+
+/// `PATCH /v1/orgs/{org}` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateOrgRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Replaces the whole policy; omitted fields take their defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub policy: Option<Value>,
+}
+
+/// An agent.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Agent {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub name: String,
+    pub display_name: Option<String>,
+    /// `agent` or `service`.
+    #[serde(rename = "type")]
+    pub agent_type: String,
+    /// `active`, `paused` or `revoked`.
+    pub status: String,
+    /// Per-provider allowlist, e.g. `{"slack": ["chat:write"]}`.
+    pub scopes: BTreeMap<String, Vec<String>>,
+    #[schema(value_type = Object)]
+    pub metadata: Map<String, Value>,
+    #[schema(value_type = Object)]
+    pub policy: Map<String, Value>,
+    pub capabilities: Vec<String>,
+    pub did: Option<String>,
+    pub owner_user_id: Option<Uuid>,
+    pub parent_agent_id: Option<Uuid>,
+    pub version: i64,
+    #[serde(with = "crate::ts")]
+    pub created_at: DateTime<Utc>,
+    #[serde(with = "crate::ts")]
+    pub updated_at: DateTime<Utc>,
+    #[serde(with = "crate::ts::option")]
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// A key. The plaintext and the digest appear in no key body.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Key {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub agent_id: Option<Uuid>,
+    pub parent_key_id: Option<Uuid>,
+    /// `root`, `agent` or `derived`.
+    pub kind: String,
+    /// `live` or `test`.
+    pub environment: String,
+    pub name: Option<String>,
+    /// The first 12 characters of the token, to tell keys apart.
+    pub start: String,
+    pub scopes: Vec<String>,
+    pub cidr_allowlist: Vec<String>,
+    pub rate_limit: Option<RateLimit>,
+    pub quota: Option<Quota>,
+    pub alert_thresholds: Vec<u8>,
+    pub requires_signature: bool,
+    #[serde(with = "crate::ts::option")]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(with = "crate::ts::option")]
+    pub deprecated_at: Option<DateTime<Utc>>,
+    #[serde(with = "crate::ts::option")]
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub successor_key_id: Option<Uuid>,
+    #[serde(with = "crate::ts::option")]
+    pub last_used_at: Option<DateTime<Utc>>,
+    #[serde(with = "crate::ts")]
+    pub created_at: DateTime<Utc>,
+    #[schema(value_type = Object)]
+    pub metadata: Map<String, Value>,
+}
+
+/// The settings of a new key (agent key or root key).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Defaults to the agent's whole flat allowlist (root keys: `["*"]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    /// Lifetime in seconds; none means the key does not expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr_allowlist: Option<Vec<String>>,
+    /// `live` (default) or `test`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Quota>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert_thresholds: Option<Vec<u8>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requires_signature: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+/// `POST /v1/orgs/{org}/agents` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAgentRequest {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// `agent` (default) or `service`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub agent_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<BTreeMap<String, Vec<String>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub policy: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub did: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<CreateKeyRequest>,
+}
+
+/// `201` answer to creating an agent.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateAgentResponse {
+    pub agent: Agent,
+    pub key: Key,
+    /// The plaintext key, shown once (`null` on an idempotent replay).
+    pub api_key: Option<String>,
+    /// The request-signing secret when the key requires signatures, shown once.
+    pub signing_secret: Option<String>,
+}
+
+/// `201` answer to minting, deriving or rotating a key.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreateKeyResponse {
+    pub key: Key,
+    /// The plaintext key, shown once (`null` on an idempotent replay).
+    pub api_key: Option<String>,
+    /// The request-signing secret when the key requires signatures, shown once.
+    pub signing_secret: Option<String>,
+}
+
+/// `PATCH /v1/orgs/{org}/agents/{id}` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateAgentRequest {
+    #[serde(
+        default,
+        deserialize_with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>)]
+    pub display_name: Option<Option<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<BTreeMap<String, Vec<String>>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub policy: Option<Map<String, Value>>,
+}
+
+/// `PATCH /v1/keys/{key_id}` body. `null` clears `rate_limit` / `quota`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateKeyRequest {
+    #[serde(
+        default,
+        deserialize_with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>)]
+    pub name: Option<Option<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr_allowlist: Option<Vec<String>>,
+    #[serde(
+        default,
+        deserialize_with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<RateLimit>)]
+    pub rate_limit: Option<Option<RateLimit>>,
+    #[serde(
+        default,
+        deserialize_with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<Quota>)]
+    pub quota: Option<Option<Quota>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert_thresholds: Option<Vec<u8>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+/// `POST /v1/keys/derive` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeriveKeyRequest {
+    /// Non-empty, implied by the caller's effective scopes, never `keys:derive`.
+    pub scopes: Vec<String>,
+    /// Seconds; capped at the org's `max_key_ttl_s` and the caller's remaining lifetime.
+    pub expires_in: u64,
+    /// Within the caller's allowlist; inherits it when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr_allowlist: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+/// `POST /v1/keys/{key_id}/rotate` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKeyRequest {
+    /// 0..=30, default 7.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlap_days: Option<u32>,
+}
+
+/// A list of agents.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AgentList {
+    pub agents: Vec<Agent>,
+    pub limit: u32,
+    pub offset: u64,
+    pub has_more: bool,
+}
+
+/// A list of keys.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct KeyList {
+    pub keys: Vec<Key>,
+    pub limit: u32,
+    pub offset: u64,
+    pub has_more: bool,
+}
+
+/// The answer of `GET /v1/me`: the calling agent plus the calling key.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MeResponse {
+    #[serde(flatten)]
+    pub agent: Agent,
+    pub key: Key,
+}
+
+/// Facts about the request a verified key is being used for.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequestFacts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+}
+
+/// The signature of the request being verified.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifySignature {
+    pub value: String,
+    pub timestamp: i64,
+    pub method: String,
+    pub path: String,
+    #[serde(default)]
+    pub body: String,
+}
+
+/// `POST /v1/keys/verify` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub required_scopes: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<VerifyRequestFacts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<VerifySignature>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub constraints: Option<Value>,
+}
+
+/// Rate-limit state reported by verify.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RateLimitState {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset: i64,
+}
+
+/// The agent summary in a verify answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VerifyAgent {
+    pub id: Uuid,
+    pub name: String,
+    pub status: String,
+}
+
+/// Quota state reported by verify and usage.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct QuotaState {
+    pub limit: u64,
+    pub used: u64,
+    pub remaining: u64,
+    #[serde(with = "crate::ts")]
+    pub resets_at: DateTime<Utc>,
+}
+
+/// `POST /v1/keys/verify` answer: always 200 for a well-formed request.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VerifyResponse {
+    pub valid: bool,
+    /// `VALID`, or the error code the key would get.
+    pub code: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    #[serde(
+        default,
+        with = "crate::ts::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deprecated: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratelimit: Option<RateLimitState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<VerifyAgent>,
+}
+
+/// An audit event.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditEvent {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    #[serde(with = "crate::ts")]
+    pub occurred_at: DateTime<Utc>,
+    /// e.g. `agent.create`, `key.revoke`.
+    pub action: String,
+    /// `success`, `denied` or `failure`.
+    pub outcome: String,
+    pub error_code: Option<String>,
+    pub actor_key_id: Option<Uuid>,
+    pub actor_agent_id: Option<Uuid>,
+    pub target_type: Option<String>,
+    pub target_id: Option<Uuid>,
+    pub client_ip: Option<String>,
+    pub request_id: Option<String>,
+    pub run_id: Option<String>,
+    pub thread_id: Option<String>,
+    pub parent_agent: Option<String>,
+    pub traceparent: Option<String>,
+    pub trace_meta: BTreeMap<String, String>,
+    #[schema(value_type = Object)]
+    pub details: Value,
+}
+
+/// A list of audit events, newest first.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditList {
+    pub events: Vec<AuditEvent>,
+    pub limit: u32,
+    pub offset: u64,
+    pub has_more: bool,
+}
+
+/// Pagination query parameters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PageQuery {
+    /// 1..=1000, default 100.
+    pub limit: Option<u32>,
+    /// Default 0.
+    pub offset: Option<u64>,
+}
+
+/// Service health answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}

@@ -1,0 +1,165 @@
+//! Extractors that answer bad input in the contract's error shape instead of axum's plain text:
+//! JSON bodies (415, 413, 400 with the failing field), path ids and query strings.
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use keyward_proto::ErrorCode;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::error::ApiError;
+
+/// A JSON body that rejects unknown fields (the types say so) and answers every failure in shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(rej) => Err(json_rejection(rej)),
+        }
+    }
+}
+
+fn json_rejection(rej: JsonRejection) -> ApiError {
+    match rej {
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(ErrorCode::UnsupportedMediaType),
+        JsonRejection::JsonDataError(e) => {
+            let msg = e.body_text();
+            ApiError::new(ErrorCode::ValidationError)
+                .msg(format!("invalid request body: {}", clean(&msg)))
+                .details(json!({ "reason": clean(&msg) }))
+        }
+        JsonRejection::JsonSyntaxError(e) => ApiError::new(ErrorCode::ValidationError)
+            .msg(format!("malformed JSON: {}", clean(&e.body_text())))
+            .details(json!({ "reason": "malformed JSON" })),
+        JsonRejection::BytesRejection(e) => {
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(ErrorCode::PayloadTooLarge)
+            } else {
+                ApiError::new(ErrorCode::ValidationError).msg("could not read the request body")
+            }
+        }
+        other => ApiError::new(ErrorCode::ValidationError).msg(clean(&other.body_text())),
+    }
+}
+
+/// Strips axum's generic prefixes so the message names the problem itself.
+fn clean(s: &str) -> String {
+    for prefix in [
+        "Failed to deserialize the JSON body into the target type: ",
+        "Failed to parse the request body as JSON: ",
+        "Failed to deserialize query string: ",
+        "Invalid URL: ",
+    ] {
+        if let Some(rest) = s.strip_prefix(prefix) {
+            return rest.to_string();
+        }
+    }
+    s.to_string()
+}
+
+/// Path parameters; a malformed id is a `400 VALIDATION_ERROR`.
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            Err(rej) => Err(path_rejection(rej)),
+        }
+    }
+}
+
+fn path_rejection(rej: PathRejection) -> ApiError {
+    ApiError::new(ErrorCode::ValidationError)
+        .msg(format!(
+            "invalid path parameter: {}",
+            clean(&rej.body_text())
+        ))
+        .details(json!({ "reason": "malformed id in path" }))
+}
+
+/// Query parameters; unknown or malformed ones are a `400 VALIDATION_ERROR`.
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(rej) => Err(query_rejection(rej)),
+        }
+    }
+}
+
+fn query_rejection(rej: QueryRejection) -> ApiError {
+    let msg = clean(&rej.body_text());
+    ApiError::new(ErrorCode::ValidationError)
+        .msg(format!("invalid query string: {msg}"))
+        .details(json!({ "reason": msg }))
+}
+
+/// An optional JSON body: empty means `T::default()`; anything else must be valid JSON.
+pub struct ApiJsonOrEmpty<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJsonOrEmpty<T>
+where
+    T: DeserializeOwned + Default,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| {
+                ct.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("application/json")
+            });
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(rej) if rej.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::new(ErrorCode::PayloadTooLarge))
+            }
+            Err(_) => {
+                return Err(ApiError::new(ErrorCode::ValidationError)
+                    .msg("could not read the request body"))
+            }
+        };
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(ApiJsonOrEmpty(T::default()));
+        }
+        if !is_json {
+            return Err(ApiError::new(ErrorCode::UnsupportedMediaType));
+        }
+        serde_json::from_slice(&bytes)
+            .map(ApiJsonOrEmpty)
+            .map_err(|e| {
+                ApiError::new(ErrorCode::ValidationError)
+                    .msg(format!("invalid request body: {e}"))
+                    .details(json!({ "reason": e.to_string() }))
+            })
+    }
+}

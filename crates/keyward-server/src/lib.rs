@@ -1,0 +1,178 @@
+//! Keyward's HTTP server: the axum app, the credential middleware, one module per resource, and
+//! the OpenAPI document. Its one seam is [`serve`]: give it a config, a store, a bound listener
+//! and a shutdown signal.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::{middleware, Router};
+use keyward_core::clock::Clock;
+use keyward_store::Store;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+
+pub mod agents;
+pub mod audit;
+pub mod auth;
+pub mod bootstrap;
+pub mod crypto;
+pub mod error;
+pub mod extract;
+pub mod idempotency;
+pub mod keys;
+pub mod me;
+pub mod openapi;
+pub mod ops;
+pub mod orgs;
+pub mod page;
+pub mod render;
+pub mod request_id;
+pub mod verify;
+
+pub use crypto::MasterKey;
+
+/// The largest request body accepted: 1 MiB.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// What the server needs beyond its store.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Peers whose `X-Forwarded-For` is believed (API.md §6.1). Empty: the header is ignored.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Encrypts signing secrets at rest.
+    pub master_key: MasterKey,
+    /// The time source; tests inject a manual clock.
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub config: Arc<ServerConfig>,
+}
+
+impl AppState {
+    /// The current time at the API's precision (milliseconds), so that what a handler holds in
+    /// memory equals what the store gives back.
+    pub fn now(&self) -> keyward_core::model::Timestamp {
+        keyward_core::clock::truncate_to_millis(self.clock.now())
+    }
+
+    /// Called after every write that changes what a key may do. Today it only counts; the
+    /// verify cache hooks its invalidation here.
+    pub fn on_key_change(&self) {
+        metrics::counter!("keyward_key_changes_total").increment(1);
+    }
+}
+
+/// Builds the whole application router.
+pub fn app(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route(
+            "/v1/orgs/{org_id}",
+            get(orgs::get_org).patch(orgs::patch_org),
+        )
+        .route(
+            "/v1/orgs/{org_id}/agents",
+            post(agents::create).get(agents::list),
+        )
+        .route(
+            "/v1/orgs/{org_id}/agents/by-name/{name}",
+            get(agents::get_by_name),
+        )
+        .route(
+            "/v1/orgs/{org_id}/agents/{agent_id}",
+            get(agents::get)
+                .patch(agents::update)
+                .delete(agents::delete),
+        )
+        .route(
+            "/v1/orgs/{org_id}/agents/{agent_id}/pause",
+            post(agents::pause),
+        )
+        .route(
+            "/v1/orgs/{org_id}/agents/{agent_id}/resume",
+            post(agents::resume),
+        )
+        .route(
+            "/v1/orgs/{org_id}/agents/{agent_id}/keys",
+            post(keys::mint_agent_key).get(keys::list_agent_keys),
+        )
+        .route(
+            "/v1/orgs/{org_id}/agents/{agent_id}/keys/{key_id}/deprecate",
+            post(keys::deprecate),
+        )
+        .route(
+            "/v1/orgs/{org_id}/agents/{agent_id}/keys/{key_id}/undeprecate",
+            post(keys::undeprecate),
+        )
+        .route(
+            "/v1/orgs/{org_id}/agents/{agent_id}/keys/{key_id}/revoke",
+            post(keys::revoke_agent_key),
+        )
+        .route(
+            "/v1/orgs/{org_id}/keys",
+            post(keys::create_root_key).get(keys::list_org_keys),
+        )
+        .route("/v1/orgs/{org_id}/audit", get(audit::list))
+        .route("/v1/keys/derive", post(keys::derive))
+        .route("/v1/keys/verify", post(verify::verify))
+        .route(
+            "/v1/keys/{key_id}",
+            get(keys::get_key).patch(keys::patch_key),
+        )
+        .route("/v1/keys/{key_id}/rotate", post(keys::rotate))
+        .route("/v1/keys/{key_id}/revoke", post(keys::revoke_key))
+        .route("/v1/me", get(me::me))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::middleware,
+        ));
+
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi_json))
+        .route("/docs", get(ops::docs))
+        .merge(v1)
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(ops::track))
+        .layer(CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                use axum::response::IntoResponse;
+                tracing::error!("handler panicked");
+                error::ApiError::new(keyward_proto::ErrorCode::Internal).into_response()
+            },
+        ))
+        .layer(middleware::from_fn(request_id::middleware))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then drains in-flight requests.
+pub async fn serve(
+    config: ServerConfig,
+    store: Arc<dyn Store>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    ops::prometheus();
+    let state = AppState {
+        store,
+        clock: config.clock.clone(),
+        config: Arc::new(config),
+    };
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}

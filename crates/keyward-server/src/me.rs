@@ -1,0 +1,28 @@
+//! `GET /v1/me`: the calling agent and the calling key, for self-diagnosis. It works while the
+//! agent is paused or revoked (the credential middleware skips the agent checks here).
+
+use axum::extract::State;
+use axum::Json;
+use keyward_proto::{self as proto, ErrorCode};
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::keys::load_agent;
+use crate::{render, AppState};
+
+#[utoipa::path(get, path = "/v1/me", tag = "me",
+    responses((status = 200, body = proto::MeResponse), (status = "4XX", body = proto::ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn me(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<proto::MeResponse>> {
+    let Some(agent_id) = caller.key.agent_id else {
+        return Err(ApiError::new(ErrorCode::MeRequiresAgentKey));
+    };
+    let agent = load_agent(&state, caller.org_id(), agent_id).await?;
+    Ok(Json(proto::MeResponse {
+        agent: render::agent(&agent),
+        key: render::key(&caller.key),
+    }))
+}

@@ -1,0 +1,113 @@
+//! Operational endpoints without auth: health, readiness, Prometheus metrics, the OpenAPI
+//! document and its browsable reference; plus the fallbacks that keep unknown routes and
+//! methods in the error shape.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use keyward_proto::{self as proto, ErrorCode};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// `GET /healthz`: the process is up.
+#[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, body = proto::Health)))]
+pub async fn healthz() -> Json<proto::Health> {
+    Json(proto::Health {
+        status: "ok".into(),
+    })
+}
+
+/// `GET /readyz`: the store answers.
+#[utoipa::path(get, path = "/readyz", tag = "ops",
+    responses((status = 200, body = proto::Health), (status = 503, body = proto::ErrorBody)))]
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    match state.store.ping().await {
+        Ok(()) => Json(proto::Health {
+            status: "ready".into(),
+        })
+        .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check failed");
+            ApiError::new(ErrorCode::StoreUnavailable).into_response()
+        }
+    }
+}
+
+/// The process-wide Prometheus recorder. Installed once; several in-process servers (tests)
+/// share it.
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0,
+            ])
+            .map(|b| b.build_recorder())
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let handle = recorder.handle();
+        // Another recorder may already be installed by the embedding program; then metrics go
+        // there and this handle renders only what it saw.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// `GET /metrics`: Prometheus text.
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, content_type = "text/plain")))]
+pub async fn metrics() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        prometheus().render(),
+    )
+        .into_response()
+}
+
+/// Middleware counting requests and timing them by route template (never by raw path, so ids
+/// do not explode the label space).
+pub async fn track(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("keyward_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status).increment(1);
+    metrics::histogram!("keyward_http_request_duration_seconds", "method" => method, "route" => route)
+        .record(start.elapsed().as_secs_f64());
+    resp
+}
+
+/// Unknown routes: `404 NOT_FOUND` in the error shape.
+pub async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound).msg("No such route")
+}
+
+/// Known route, wrong method: `405 METHOD_NOT_ALLOWED` in the error shape.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(ErrorCode::MethodNotAllowed)
+}
+
+/// `GET /openapi.json`
+pub async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::json().to_string(),
+    )
+        .into_response()
+}
+
+/// `GET /docs`
+pub async fn docs() -> Html<String> {
+    Html(crate::openapi::html().to_string())
+}

@@ -1,0 +1,35 @@
+//! Request ids: every response carries `X-Request-Id`; a well-formed caller-supplied one is
+//! echoed. The id lives in a task-local for the request's lifetime so that error bodies and
+//! audit events can name it without threading it through every call.
+
+use axum::extract::Request;
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+
+tokio::task_local! {
+    static REQUEST_ID: String;
+}
+
+/// The current request's id, or a fresh one outside a request.
+pub fn current() -> String {
+    REQUEST_ID
+        .try_with(|id| id.clone())
+        .unwrap_or_else(|_| keyward_core::validate::new_request_id())
+}
+
+/// Middleware: picks the id, runs the request inside its scope, sets the response header.
+pub async fn middleware(req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| keyward_core::validate::request_id(s))
+        .map(str::to_string)
+        .unwrap_or_else(keyward_core::validate::new_request_id);
+    let mut resp = REQUEST_ID.scope(id.clone(), next.run(req)).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}

@@ -1,0 +1,1 @@
+//! The backend-agnostic conformance suite (filled in below).

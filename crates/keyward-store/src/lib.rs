@@ -1,0 +1,160 @@
+//! The Store trait, in domain words, and its backends.
+//!
+//! Every backend owns its SQL and its migrations; the server only ever sees this trait. Rules that
+//! must hold under concurrency (agent name uniqueness, the last-active-key guard, the revocation
+//! cascade, idempotency) are enforced here, inside one database transaction each, never only in
+//! the caller. Every state change takes the audit event(s) to commit in the same transaction.
+
+use async_trait::async_trait;
+use keyward_core::model::{
+    Agent, AgentStatus, AuditEvent, AuditFilter, IdempotencyRecord, Key, KeyFilter, Org, Page,
+    Timestamp,
+};
+use keyward_core::token::TokenDigest;
+use uuid::Uuid;
+
+pub mod conformance;
+pub mod sqlite;
+
+/// What can go wrong in a store call, in domain words. Backends map their own errors (unique
+/// violations, busy databases) to these once.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("an agent with this name already exists in the org")]
+    AgentNameExists,
+    #[error("an org with this name already exists")]
+    OrgNameExists,
+    #[error("not found")]
+    NotFound,
+    #[error("the agent has been revoked")]
+    AgentRevoked,
+    #[error("the key has already been revoked")]
+    KeyAlreadyRevoked,
+    #[error("revoking would leave no active key")]
+    LastActiveKey,
+    #[error("the record changed concurrently")]
+    Conflict,
+    #[error("the idempotency key was claimed concurrently")]
+    IdempotencyKeyTaken,
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The key record with what the credential checks need of its agent.
+#[derive(Debug, Clone)]
+pub struct KeyWithAgent {
+    pub key: Key,
+    pub agent_status: Option<AgentStatus>,
+}
+
+/// The result of a revocation: every key id whose `revoked_at` was set by it.
+#[derive(Debug, Clone)]
+pub struct Revoked {
+    pub key: Key,
+    pub cascaded: Vec<Uuid>,
+}
+
+/// Keyward's persistence, in domain words.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Checks that the store answers.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// The first org created, if any (used by bootstrap to tell an empty store).
+    async fn first_org(&self) -> StoreResult<Option<Org>>;
+    /// Creates an org with its first root key.
+    async fn create_org(&self, org: &Org, root_key: &Key, audit: &AuditEvent) -> StoreResult<()>;
+    async fn get_org(&self, id: Uuid) -> StoreResult<Option<Org>>;
+    async fn update_org(&self, org: &Org, audit: &AuditEvent) -> StoreResult<()>;
+
+    /// Creates an agent and its first key; with an idempotency record, claims it in the same
+    /// transaction (`IdempotencyKeyTaken` when another request claimed it first).
+    async fn create_agent(
+        &self,
+        agent: &Agent,
+        key: &Key,
+        audit: &[AuditEvent],
+        idem: Option<&IdempotencyRecord>,
+    ) -> StoreResult<()>;
+    async fn get_agent(&self, org_id: Uuid, id: Uuid) -> StoreResult<Option<Agent>>;
+    /// The active or paused agent with this exact name.
+    async fn get_agent_by_name(&self, org_id: Uuid, name: &str) -> StoreResult<Option<Agent>>;
+    /// Agents by `created_at`; returns up to `page.limit + 1` rows so callers can tell `has_more`.
+    async fn list_agents(
+        &self,
+        org_id: Uuid,
+        include_revoked: bool,
+        page: Page,
+    ) -> StoreResult<Vec<Agent>>;
+    /// Writes the agent's new state if its stored version is still `expected_version`
+    /// (`Conflict` otherwise, `AgentRevoked` when it is revoked).
+    async fn update_agent(
+        &self,
+        agent: &Agent,
+        expected_version: i64,
+        audit: &AuditEvent,
+    ) -> StoreResult<()>;
+
+    /// Inserts a key (agent, root or derived). Fails with `AgentRevoked` when its agent is
+    /// revoked and `KeyAlreadyRevoked` when a derived key's parent is.
+    async fn insert_key(
+        &self,
+        key: &Key,
+        audit: &AuditEvent,
+        idem: Option<&IdempotencyRecord>,
+    ) -> StoreResult<()>;
+    async fn get_key(&self, id: Uuid) -> StoreResult<Option<Key>>;
+    async fn find_key_by_digest(&self, digest: &TokenDigest) -> StoreResult<Option<KeyWithAgent>>;
+    /// Keys by `created_at`; returns up to `page.limit + 1` rows.
+    async fn list_keys(
+        &self,
+        org_id: Uuid,
+        filter: &KeyFilter,
+        page: Page,
+    ) -> StoreResult<Vec<Key>>;
+    /// Writes a key's mutable fields (name, allowlist, limits, thresholds, metadata,
+    /// deprecation) unless it has been revoked meanwhile (`KeyAlreadyRevoked`).
+    async fn update_key(&self, key: &Key, audit: &AuditEvent) -> StoreResult<()>;
+    /// Revokes a key and every derived descendant. Without `force`, refuses with
+    /// `LastActiveKey` when the agent (or, for a root key, the org) would have no
+    /// non-revoked key left.
+    async fn revoke_key(
+        &self,
+        key_id: Uuid,
+        now: Timestamp,
+        force: bool,
+        audit: &AuditEvent,
+    ) -> StoreResult<Revoked>;
+    /// Inserts the successor and marks the old key deprecated, expiring and succeeded, unless
+    /// the old key was revoked meanwhile.
+    async fn rotate_key(
+        &self,
+        old: &Key,
+        successor: &Key,
+        audit: &AuditEvent,
+        idem: Option<&IdempotencyRecord>,
+    ) -> StoreResult<()>;
+
+    /// Appends audit events that belong to no state change (denials, verifications).
+    async fn append_audit(&self, events: &[AuditEvent]) -> StoreResult<()>;
+    /// Events newest first; returns up to `page.limit + 1` rows.
+    async fn list_audit(
+        &self,
+        org_id: Uuid,
+        filter: &AuditFilter,
+        page: Page,
+    ) -> StoreResult<Vec<AuditEvent>>;
+
+    async fn get_idempotency(
+        &self,
+        org_id: Uuid,
+        key: &str,
+    ) -> StoreResult<Option<IdempotencyRecord>>;
+}
+
+/// How long an idempotency record is honoured: 24 hours.
+pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;

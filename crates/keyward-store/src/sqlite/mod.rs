@@ -1,0 +1,942 @@
+//! The embedded SQLite backend: one file under the data dir, no setup.
+//!
+//! Durability: WAL journal with `synchronous = FULL`. WAL lets readers run while a write commits;
+//! FULL makes SQLite fsync the WAL at every commit, so a write that was acknowledged survives not
+//! only a `kill -9` of the process (which NORMAL would also survive) but a power loss or kernel
+//! crash too. Writes are rare next to verifications (which hit the cache), so the fsync per
+//! commit is a price worth paying for "nothing acknowledged is ever lost".
+//!
+//! Concurrency: all writes go through a pool of exactly one connection and start with
+//! `BEGIN IMMEDIATE`, so in-process writers queue in Rust instead of failing with SQLITE_BUSY,
+//! and a writer in another process (`keyward orgs create` next to a running server) takes the
+//! write lock up front and waits on `busy_timeout` rather than failing mid-transaction. Reads use
+//! a separate pool and never block on the writer thanks to WAL.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::DateTime;
+use keyward_core::model::{
+    Agent, AgentStatus, AgentType, AuditEvent, AuditFilter, IdempotencyRecord, Key, KeyFilter, Org,
+    Outcome, Page, Timestamp, TraceContext,
+};
+use keyward_core::scope::Scope;
+use keyward_core::token::{Environment, TokenDigest, TokenKind};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+use uuid::Uuid;
+
+use crate::{KeyWithAgent, Revoked, Store, StoreError, StoreResult};
+
+/// The migrations, embedded in the binary so a fresh data dir needs nothing else.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("migrations/0001_init.sql"))];
+
+fn migrator() -> Migrator {
+    let migrations: Vec<Migration> = MIGRATIONS
+        .iter()
+        .map(|(v, d, sql)| {
+            Migration::new(
+                *v,
+                Cow::Borrowed(*d),
+                MigrationType::Simple,
+                Cow::Borrowed(*sql),
+                false,
+            )
+        })
+        .collect();
+    Migrator {
+        migrations: Cow::Owned(migrations),
+        ..Migrator::DEFAULT
+    }
+}
+
+/// The SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+const KEY_COLS: &str =
+    "k.id, k.org_id, k.agent_id, k.parent_key_id, k.kind, k.environment, k.name, \
+    k.start, k.digest, k.scopes, k.cidr_allowlist, k.rate_limit, k.quota, k.alert_thresholds, \
+    k.requires_signature, k.signing_secret_enc, k.expires_at, k.deprecated_at, k.revoked_at, \
+    k.successor_key_id, k.last_used_at, k.created_at, k.metadata";
+
+const AGENT_COLS: &str = "id, org_id, name, display_name, agent_type, status, scopes, metadata, \
+    policy, capabilities, did, owner_user_id, parent_agent_id, version, created_at, updated_at, \
+    revoked_at";
+
+const AUDIT_COLS: &str = "id, org_id, occurred_at, action, outcome, error_code, actor_key_id, \
+    actor_agent_id, target_type, target_id, client_ip, request_id, run_id, thread_id, \
+    parent_agent, traceparent, trace_meta, details";
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file `path` and runs the migrations.
+    pub async fn open(path: &Path) -> StoreResult<SqliteStore> {
+        let base = SqliteConnectOptions::new()
+            .filename(path)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(base.clone().create_if_missing(true))
+            .await
+            .map_err(map_err)?;
+        migrator()
+            .run(&writer)
+            .await
+            .map_err(|e| StoreError::Internal(format!("migration failed: {e}")))?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(base.read_only(true))
+            .await
+            .map_err(map_err)?;
+        Ok(SqliteStore { writer, reader })
+    }
+
+    async fn begin(&self) -> StoreResult<Transaction<'static, Sqlite>> {
+        self.writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err)
+    }
+
+    /// Closes both pools, checkpointing the WAL.
+    pub async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+}
+
+/// Maps sqlx errors to domain errors once, here.
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            let msg = db.message();
+            if msg.contains("agents.") {
+                StoreError::AgentNameExists
+            } else if msg.contains("orgs.") {
+                StoreError::OrgNameExists
+            } else if msg.contains("idempotency_keys.") {
+                StoreError::IdempotencyKeyTaken
+            } else {
+                StoreError::Internal(msg.to_string())
+            }
+        }
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+            StoreError::Unavailable(e.to_string())
+        }
+        sqlx::Error::Database(db)
+            if db.message().contains("locked") || db.message().contains("busy") =>
+        {
+            StoreError::Unavailable(db.message().to_string())
+        }
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Internal(format!("corrupt stored value: {what}"))
+}
+
+fn ms(t: Timestamp) -> i64 {
+    t.timestamp_millis()
+}
+
+fn opt_ms(t: Option<Timestamp>) -> Option<i64> {
+    t.map(ms)
+}
+
+fn from_ms(v: i64) -> StoreResult<Timestamp> {
+    DateTime::from_timestamp_millis(v).ok_or_else(|| corrupt("timestamp"))
+}
+
+fn opt_from_ms(v: Option<i64>) -> StoreResult<Option<Timestamp>> {
+    v.map(from_ms).transpose()
+}
+
+fn uuid(s: &str) -> StoreResult<Uuid> {
+    Uuid::parse_str(s).map_err(|_| corrupt("uuid"))
+}
+
+fn opt_uuid(s: Option<String>) -> StoreResult<Option<Uuid>> {
+    s.as_deref().map(uuid).transpose()
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> StoreResult<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Internal(e.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> StoreResult<T> {
+    serde_json::from_str(s).map_err(|_| corrupt(what))
+}
+
+fn get<'r, T>(row: &'r SqliteRow, col: &str) -> StoreResult<T>
+where
+    T: sqlx::Decode<'r, Sqlite> + sqlx::Type<Sqlite>,
+{
+    row.try_get(col).map_err(map_err)
+}
+
+fn row_to_org(row: &SqliteRow) -> StoreResult<Org> {
+    Ok(Org {
+        id: uuid(&get::<String>(row, "id")?)?,
+        name: get(row, "name")?,
+        policy: from_json(&get::<String>(row, "policy")?, "org policy")?,
+        created_at: from_ms(get(row, "created_at")?)?,
+    })
+}
+
+fn row_to_agent(row: &SqliteRow) -> StoreResult<Agent> {
+    Ok(Agent {
+        id: uuid(&get::<String>(row, "id")?)?,
+        org_id: uuid(&get::<String>(row, "org_id")?)?,
+        name: get(row, "name")?,
+        display_name: get(row, "display_name")?,
+        agent_type: AgentType::parse(&get::<String>(row, "agent_type")?)
+            .ok_or_else(|| corrupt("agent type"))?,
+        status: AgentStatus::parse(&get::<String>(row, "status")?)
+            .ok_or_else(|| corrupt("agent status"))?,
+        scopes: from_json(&get::<String>(row, "scopes")?, "agent scopes")?,
+        metadata: from_json(&get::<String>(row, "metadata")?, "agent metadata")?,
+        policy: from_json(&get::<String>(row, "policy")?, "agent policy")?,
+        capabilities: from_json(&get::<String>(row, "capabilities")?, "capabilities")?,
+        did: get(row, "did")?,
+        owner_user_id: opt_uuid(get(row, "owner_user_id")?)?,
+        parent_agent_id: opt_uuid(get(row, "parent_agent_id")?)?,
+        version: get(row, "version")?,
+        created_at: from_ms(get(row, "created_at")?)?,
+        updated_at: from_ms(get(row, "updated_at")?)?,
+        revoked_at: opt_from_ms(get(row, "revoked_at")?)?,
+    })
+}
+
+fn row_to_key(row: &SqliteRow) -> StoreResult<Key> {
+    let scopes: Vec<String> = from_json(&get::<String>(row, "scopes")?, "key scopes")?;
+    let scopes = scopes
+        .iter()
+        .map(|s| Scope::parse(s).map_err(|_| corrupt("key scope")))
+        .collect::<StoreResult<Vec<_>>>()?;
+    let cidrs: Vec<String> = from_json(&get::<String>(row, "cidr_allowlist")?, "allowlist")?;
+    let cidr_allowlist =
+        keyward_core::cidr::parse_allowlist(&cidrs).map_err(|_| corrupt("allowlist"))?;
+    let digest: Vec<u8> = get(row, "digest")?;
+    Ok(Key {
+        id: uuid(&get::<String>(row, "id")?)?,
+        org_id: uuid(&get::<String>(row, "org_id")?)?,
+        agent_id: opt_uuid(get(row, "agent_id")?)?,
+        parent_key_id: opt_uuid(get(row, "parent_key_id")?)?,
+        kind: TokenKind::parse(&get::<String>(row, "kind")?).ok_or_else(|| corrupt("kind"))?,
+        environment: Environment::parse(&get::<String>(row, "environment")?)
+            .ok_or_else(|| corrupt("environment"))?,
+        name: get(row, "name")?,
+        start: get(row, "start")?,
+        digest: TokenDigest::from_slice(&digest).ok_or_else(|| corrupt("digest"))?,
+        scopes,
+        cidr_allowlist,
+        rate_limit: get::<Option<String>>(row, "rate_limit")?
+            .map(|s| from_json(&s, "rate limit"))
+            .transpose()?,
+        quota: get::<Option<String>>(row, "quota")?
+            .map(|s| from_json(&s, "quota"))
+            .transpose()?,
+        alert_thresholds: from_json(&get::<String>(row, "alert_thresholds")?, "thresholds")?,
+        requires_signature: get::<i64>(row, "requires_signature")? != 0,
+        signing_secret_enc: get(row, "signing_secret_enc")?,
+        expires_at: opt_from_ms(get(row, "expires_at")?)?,
+        deprecated_at: opt_from_ms(get(row, "deprecated_at")?)?,
+        revoked_at: opt_from_ms(get(row, "revoked_at")?)?,
+        successor_key_id: opt_uuid(get(row, "successor_key_id")?)?,
+        last_used_at: opt_from_ms(get(row, "last_used_at")?)?,
+        created_at: from_ms(get(row, "created_at")?)?,
+        metadata: from_json(&get::<String>(row, "metadata")?, "key metadata")?,
+    })
+}
+
+fn row_to_audit(row: &SqliteRow) -> StoreResult<AuditEvent> {
+    Ok(AuditEvent {
+        id: uuid(&get::<String>(row, "id")?)?,
+        org_id: uuid(&get::<String>(row, "org_id")?)?,
+        occurred_at: from_ms(get(row, "occurred_at")?)?,
+        action: get(row, "action")?,
+        outcome: Outcome::parse(&get::<String>(row, "outcome")?)
+            .ok_or_else(|| corrupt("outcome"))?,
+        error_code: get(row, "error_code")?,
+        actor_key_id: opt_uuid(get(row, "actor_key_id")?)?,
+        actor_agent_id: opt_uuid(get(row, "actor_agent_id")?)?,
+        target_type: get(row, "target_type")?,
+        target_id: opt_uuid(get(row, "target_id")?)?,
+        client_ip: get(row, "client_ip")?,
+        request_id: get(row, "request_id")?,
+        trace: TraceContext {
+            run_id: get(row, "run_id")?,
+            thread_id: get(row, "thread_id")?,
+            parent_agent: get(row, "parent_agent")?,
+            traceparent: get(row, "traceparent")?,
+            meta: from_json(&get::<String>(row, "trace_meta")?, "trace meta")?,
+        },
+        details: from_json(&get::<String>(row, "details")?, "audit details")?,
+    })
+}
+
+async fn insert_key_tx(tx: &mut Transaction<'static, Sqlite>, k: &Key) -> StoreResult<()> {
+    let scopes: Vec<&str> = k.scopes.iter().map(|s| s.as_str()).collect();
+    let cidrs = keyward_core::cidr::to_strings(&k.cidr_allowlist);
+    sqlx::query(
+        "INSERT INTO keys (id, org_id, agent_id, parent_key_id, kind, environment, name, start, \
+         digest, scopes, cidr_allowlist, rate_limit, quota, alert_thresholds, requires_signature, \
+         signing_secret_enc, expires_at, deprecated_at, revoked_at, successor_key_id, \
+         last_used_at, created_at, metadata) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(k.id.to_string())
+    .bind(k.org_id.to_string())
+    .bind(k.agent_id.map(|u| u.to_string()))
+    .bind(k.parent_key_id.map(|u| u.to_string()))
+    .bind(k.kind.as_str())
+    .bind(k.environment.as_str())
+    .bind(&k.name)
+    .bind(&k.start)
+    .bind(k.digest.as_bytes())
+    .bind(to_json(&scopes)?)
+    .bind(to_json(&cidrs)?)
+    .bind(k.rate_limit.as_ref().map(to_json).transpose()?)
+    .bind(k.quota.as_ref().map(to_json).transpose()?)
+    .bind(to_json(&k.alert_thresholds)?)
+    .bind(k.requires_signature as i64)
+    .bind(k.signing_secret_enc.as_deref())
+    .bind(opt_ms(k.expires_at))
+    .bind(opt_ms(k.deprecated_at))
+    .bind(opt_ms(k.revoked_at))
+    .bind(k.successor_key_id.map(|u| u.to_string()))
+    .bind(opt_ms(k.last_used_at))
+    .bind(ms(k.created_at))
+    .bind(to_json(&k.metadata)?)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+async fn insert_audit_tx(tx: &mut Transaction<'static, Sqlite>, e: &AuditEvent) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO audit_events (id, org_id, occurred_at, action, outcome, error_code, \
+         actor_key_id, actor_agent_id, target_type, target_id, client_ip, request_id, run_id, \
+         thread_id, parent_agent, traceparent, trace_meta, details) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(e.id.to_string())
+    .bind(e.org_id.to_string())
+    .bind(ms(e.occurred_at))
+    .bind(&e.action)
+    .bind(e.outcome.as_str())
+    .bind(&e.error_code)
+    .bind(e.actor_key_id.map(|u| u.to_string()))
+    .bind(e.actor_agent_id.map(|u| u.to_string()))
+    .bind(&e.target_type)
+    .bind(e.target_id.map(|u| u.to_string()))
+    .bind(&e.client_ip)
+    .bind(&e.request_id)
+    .bind(&e.trace.run_id)
+    .bind(&e.trace.thread_id)
+    .bind(&e.trace.parent_agent)
+    .bind(&e.trace.traceparent)
+    .bind(to_json(&e.trace.meta)?)
+    .bind(to_json(&e.details)?)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+/// Claims an idempotency key inside the creating transaction. An expired record (older than 24
+/// hours) is replaced; a live one makes the insert fail with `IdempotencyKeyTaken`.
+async fn insert_idem_tx(
+    tx: &mut Transaction<'static, Sqlite>,
+    r: &IdempotencyRecord,
+) -> StoreResult<()> {
+    let cutoff = ms(r.created_at) - crate::IDEMPOTENCY_TTL_MS;
+    sqlx::query(
+        "DELETE FROM idempotency_keys WHERE org_id = ? AND idem_key = ? AND created_at < ?",
+    )
+    .bind(r.org_id.to_string())
+    .bind(&r.key)
+    .bind(cutoff)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    sqlx::query(
+        "INSERT INTO idempotency_keys (org_id, idem_key, request_hash, status, response, \
+         agent_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(r.org_id.to_string())
+    .bind(&r.key)
+    .bind(&r.request_hash[..])
+    .bind(r.status as i64)
+    .bind(to_json(&r.response)?)
+    .bind(r.agent_id.map(|u| u.to_string()))
+    .bind(ms(r.created_at))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+async fn agent_status_tx(
+    tx: &mut Transaction<'static, Sqlite>,
+    agent_id: Uuid,
+) -> StoreResult<Option<AgentStatus>> {
+    let row = sqlx::query("SELECT status FROM agents WHERE id = ?")
+        .bind(agent_id.to_string())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    row.map(|r| {
+        AgentStatus::parse(&get::<String>(&r, "status")?).ok_or_else(|| corrupt("agent status"))
+    })
+    .transpose()
+}
+
+async fn key_tx(tx: &mut Transaction<'static, Sqlite>, id: Uuid) -> StoreResult<Option<Key>> {
+    let row = sqlx::query(&format!("SELECT {KEY_COLS} FROM keys k WHERE k.id = ?"))
+        .bind(id.to_string())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    row.as_ref().map(row_to_key).transpose()
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.reader)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(())
+    }
+
+    async fn first_org(&self) -> StoreResult<Option<Org>> {
+        let row = sqlx::query("SELECT * FROM orgs ORDER BY created_at, id LIMIT 1")
+            .fetch_optional(&self.writer)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(row_to_org).transpose()
+    }
+
+    async fn create_org(&self, org: &Org, root_key: &Key, audit: &AuditEvent) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("INSERT INTO orgs (id, name, policy, created_at) VALUES (?, ?, ?, ?)")
+            .bind(org.id.to_string())
+            .bind(&org.name)
+            .bind(to_json(&org.policy)?)
+            .bind(ms(org.created_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        insert_key_tx(&mut tx, root_key).await?;
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn get_org(&self, id: Uuid) -> StoreResult<Option<Org>> {
+        let row = sqlx::query("SELECT * FROM orgs WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(row_to_org).transpose()
+    }
+
+    async fn update_org(&self, org: &Org, audit: &AuditEvent) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let res = sqlx::query("UPDATE orgs SET name = ?, policy = ? WHERE id = ?")
+            .bind(&org.name)
+            .bind(to_json(&org.policy)?)
+            .bind(org.id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn create_agent(
+        &self,
+        a: &Agent,
+        key: &Key,
+        audit: &[AuditEvent],
+        idem: Option<&IdempotencyRecord>,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        if let Some(r) = idem {
+            insert_idem_tx(&mut tx, r).await?;
+        }
+        if let Some(parent) = a.parent_agent_id {
+            match agent_status_tx(&mut tx, parent).await? {
+                Some(AgentStatus::Active) => {}
+                Some(_) => return Err(StoreError::AgentRevoked),
+                None => return Err(StoreError::NotFound),
+            }
+        }
+        sqlx::query(&format!(
+            "INSERT INTO agents ({AGENT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        ))
+        .bind(a.id.to_string())
+        .bind(a.org_id.to_string())
+        .bind(&a.name)
+        .bind(&a.display_name)
+        .bind(a.agent_type.as_str())
+        .bind(a.status.as_str())
+        .bind(to_json(&a.scopes)?)
+        .bind(to_json(&a.metadata)?)
+        .bind(to_json(&a.policy)?)
+        .bind(to_json(&a.capabilities)?)
+        .bind(&a.did)
+        .bind(a.owner_user_id.map(|u| u.to_string()))
+        .bind(a.parent_agent_id.map(|u| u.to_string()))
+        .bind(a.version)
+        .bind(ms(a.created_at))
+        .bind(ms(a.updated_at))
+        .bind(opt_ms(a.revoked_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_key_tx(&mut tx, key).await?;
+        for e in audit {
+            insert_audit_tx(&mut tx, e).await?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn get_agent(&self, org_id: Uuid, id: Uuid) -> StoreResult<Option<Agent>> {
+        let row = sqlx::query(&format!(
+            "SELECT {AGENT_COLS} FROM agents WHERE org_id = ? AND id = ?"
+        ))
+        .bind(org_id.to_string())
+        .bind(id.to_string())
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(row_to_agent).transpose()
+    }
+
+    async fn get_agent_by_name(&self, org_id: Uuid, name: &str) -> StoreResult<Option<Agent>> {
+        let row = sqlx::query(&format!(
+            "SELECT {AGENT_COLS} FROM agents WHERE org_id = ? AND name = ? AND status <> 'revoked'"
+        ))
+        .bind(org_id.to_string())
+        .bind(name)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(row_to_agent).transpose()
+    }
+
+    async fn list_agents(
+        &self,
+        org_id: Uuid,
+        include_revoked: bool,
+        page: Page,
+    ) -> StoreResult<Vec<Agent>> {
+        let filter = if include_revoked {
+            ""
+        } else {
+            "AND status <> 'revoked'"
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT {AGENT_COLS} FROM agents WHERE org_id = ? {filter} \
+             ORDER BY created_at, id LIMIT ? OFFSET ?"
+        ))
+        .bind(org_id.to_string())
+        .bind(page.limit as i64 + 1)
+        .bind(page.offset as i64)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(row_to_agent).collect()
+    }
+
+    async fn update_agent(
+        &self,
+        a: &Agent,
+        expected_version: i64,
+        audit: &AuditEvent,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let current = sqlx::query("SELECT status, version FROM agents WHERE org_id = ? AND id = ?")
+            .bind(a.org_id.to_string())
+            .bind(a.id.to_string())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .ok_or(StoreError::NotFound)?;
+        if get::<String>(&current, "status")? == "revoked" {
+            return Err(StoreError::AgentRevoked);
+        }
+        if get::<i64>(&current, "version")? != expected_version {
+            return Err(StoreError::Conflict);
+        }
+        sqlx::query(
+            "UPDATE agents SET display_name = ?, status = ?, scopes = ?, metadata = ?, policy = ?, \
+             capabilities = ?, did = ?, version = ?, updated_at = ?, revoked_at = ? \
+             WHERE id = ? AND version = ?",
+        )
+        .bind(&a.display_name)
+        .bind(a.status.as_str())
+        .bind(to_json(&a.scopes)?)
+        .bind(to_json(&a.metadata)?)
+        .bind(to_json(&a.policy)?)
+        .bind(to_json(&a.capabilities)?)
+        .bind(&a.did)
+        .bind(a.version)
+        .bind(ms(a.updated_at))
+        .bind(opt_ms(a.revoked_at))
+        .bind(a.id.to_string())
+        .bind(expected_version)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn insert_key(
+        &self,
+        key: &Key,
+        audit: &AuditEvent,
+        idem: Option<&IdempotencyRecord>,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        if let Some(r) = idem {
+            insert_idem_tx(&mut tx, r).await?;
+        }
+        if let Some(agent_id) = key.agent_id {
+            match agent_status_tx(&mut tx, agent_id).await? {
+                Some(AgentStatus::Revoked) => return Err(StoreError::AgentRevoked),
+                Some(_) => {}
+                None => return Err(StoreError::NotFound),
+            }
+        }
+        if let Some(parent) = key.parent_key_id {
+            let p = key_tx(&mut tx, parent).await?.ok_or(StoreError::NotFound)?;
+            if p.revoked_at.is_some() {
+                return Err(StoreError::KeyAlreadyRevoked);
+            }
+        }
+        insert_key_tx(&mut tx, key).await?;
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn get_key(&self, id: Uuid) -> StoreResult<Option<Key>> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLS} FROM keys k WHERE k.id = ?"))
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(row_to_key).transpose()
+    }
+
+    async fn find_key_by_digest(&self, digest: &TokenDigest) -> StoreResult<Option<KeyWithAgent>> {
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLS}, a.status AS agent_status FROM keys k \
+             LEFT JOIN agents a ON a.id = k.agent_id WHERE k.digest = ?"
+        ))
+        .bind(digest.as_bytes())
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(map_err)?;
+        match row {
+            None => Ok(None),
+            Some(row) => {
+                let key = row_to_key(&row)?;
+                let agent_status = get::<Option<String>>(&row, "agent_status")?
+                    .map(|s| AgentStatus::parse(&s).ok_or_else(|| corrupt("agent status")))
+                    .transpose()?;
+                Ok(Some(KeyWithAgent { key, agent_status }))
+            }
+        }
+    }
+
+    async fn list_keys(
+        &self,
+        org_id: Uuid,
+        filter: &KeyFilter,
+        page: Page,
+    ) -> StoreResult<Vec<Key>> {
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new(format!("SELECT {KEY_COLS} FROM keys k WHERE k.org_id = "));
+        q.push_bind(org_id.to_string());
+        if let Some(a) = filter.agent_id {
+            q.push(" AND k.agent_id = ").push_bind(a.to_string());
+        }
+        if let Some(kind) = filter.kind {
+            q.push(" AND k.kind = ").push_bind(kind.as_str());
+        }
+        if !filter.include_revoked {
+            q.push(" AND k.revoked_at IS NULL");
+        }
+        q.push(" ORDER BY k.created_at, k.id LIMIT ")
+            .push_bind(page.limit as i64 + 1)
+            .push(" OFFSET ")
+            .push_bind(page.offset as i64);
+        let rows = q.build().fetch_all(&self.reader).await.map_err(map_err)?;
+        rows.iter().map(row_to_key).collect()
+    }
+
+    async fn update_key(&self, k: &Key, audit: &AuditEvent) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let cidrs = keyward_core::cidr::to_strings(&k.cidr_allowlist);
+        let res = sqlx::query(
+            "UPDATE keys SET name = ?, cidr_allowlist = ?, rate_limit = ?, quota = ?, \
+             alert_thresholds = ?, metadata = ?, deprecated_at = ? \
+             WHERE id = ? AND revoked_at IS NULL",
+        )
+        .bind(&k.name)
+        .bind(to_json(&cidrs)?)
+        .bind(k.rate_limit.as_ref().map(to_json).transpose()?)
+        .bind(k.quota.as_ref().map(to_json).transpose()?)
+        .bind(to_json(&k.alert_thresholds)?)
+        .bind(to_json(&k.metadata)?)
+        .bind(opt_ms(k.deprecated_at))
+        .bind(k.id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if res.rows_affected() == 0 {
+            return match key_tx(&mut tx, k.id).await? {
+                None => Err(StoreError::NotFound),
+                Some(_) => Err(StoreError::KeyAlreadyRevoked),
+            };
+        }
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn revoke_key(
+        &self,
+        key_id: Uuid,
+        now: Timestamp,
+        force: bool,
+        audit: &AuditEvent,
+    ) -> StoreResult<Revoked> {
+        let mut tx = self.begin().await?;
+        let key = key_tx(&mut tx, key_id).await?.ok_or(StoreError::NotFound)?;
+        if key.revoked_at.is_some() {
+            return Err(StoreError::KeyAlreadyRevoked);
+        }
+        let rows = sqlx::query(
+            "WITH RECURSIVE d(id) AS ( \
+               SELECT id FROM keys WHERE parent_key_id = ? \
+               UNION SELECT k.id FROM keys k JOIN d ON k.parent_key_id = d.id) \
+             SELECT keys.id FROM keys JOIN d ON keys.id = d.id WHERE keys.revoked_at IS NULL",
+        )
+        .bind(key_id.to_string())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let cascaded: Vec<Uuid> = rows
+            .iter()
+            .map(|r| uuid(&get::<String>(r, "id")?))
+            .collect::<StoreResult<_>>()?;
+        if !force {
+            // Count what would stay live once the key and its cascade are revoked. The whole
+            // check runs inside the write transaction, so two concurrent revocations of an
+            // agent's last two keys cannot both pass it.
+            let mut doomed: Vec<String> = cascaded.iter().map(|u| u.to_string()).collect();
+            doomed.push(key_id.to_string());
+            let doomed_json = to_json(&doomed)?;
+            let remaining: i64 = match key.agent_id {
+                Some(agent_id) => {
+                    let status = agent_status_tx(&mut tx, agent_id).await?;
+                    if status == Some(AgentStatus::Revoked) {
+                        1 // The agent is already a tombstone: the guard has nothing to protect.
+                    } else {
+                        let row = sqlx::query(
+                            "SELECT COUNT(*) AS n FROM keys WHERE agent_id = ? \
+                             AND revoked_at IS NULL \
+                             AND id NOT IN (SELECT value FROM json_each(?))",
+                        )
+                        .bind(agent_id.to_string())
+                        .bind(&doomed_json)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(map_err)?;
+                        get(&row, "n")?
+                    }
+                }
+                None if key.kind == TokenKind::Root => {
+                    let row = sqlx::query(
+                        "SELECT COUNT(*) AS n FROM keys WHERE org_id = ? AND kind = 'root' \
+                         AND revoked_at IS NULL AND id NOT IN (SELECT value FROM json_each(?))",
+                    )
+                    .bind(key.org_id.to_string())
+                    .bind(&doomed_json)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                    get(&row, "n")?
+                }
+                None => 1,
+            };
+            if remaining == 0 {
+                return Err(StoreError::LastActiveKey);
+            }
+        }
+        let mut all = cascaded.clone();
+        all.push(key_id);
+        let all_json = to_json(&all.iter().map(|u| u.to_string()).collect::<Vec<_>>())?;
+        sqlx::query(
+            "UPDATE keys SET revoked_at = ? WHERE revoked_at IS NULL \
+             AND id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(ms(now))
+        .bind(&all_json)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_audit_tx(&mut tx, audit).await?;
+        let key = key_tx(&mut tx, key_id).await?.ok_or(StoreError::NotFound)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Revoked { key, cascaded })
+    }
+
+    async fn rotate_key(
+        &self,
+        old: &Key,
+        successor: &Key,
+        audit: &AuditEvent,
+        idem: Option<&IdempotencyRecord>,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        if let Some(r) = idem {
+            insert_idem_tx(&mut tx, r).await?;
+        }
+        if let Some(agent_id) = successor.agent_id {
+            if agent_status_tx(&mut tx, agent_id).await? == Some(AgentStatus::Revoked) {
+                return Err(StoreError::AgentRevoked);
+            }
+        }
+        insert_key_tx(&mut tx, successor).await?;
+        let res = sqlx::query(
+            "UPDATE keys SET deprecated_at = ?, expires_at = ?, successor_key_id = ? \
+             WHERE id = ? AND revoked_at IS NULL",
+        )
+        .bind(opt_ms(old.deprecated_at))
+        .bind(opt_ms(old.expires_at))
+        .bind(old.successor_key_id.map(|u| u.to_string()))
+        .bind(old.id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::KeyAlreadyRevoked);
+        }
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn append_audit(&self, events: &[AuditEvent]) -> StoreResult<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        for e in events {
+            insert_audit_tx(&mut tx, e).await?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn list_audit(
+        &self,
+        org_id: Uuid,
+        f: &AuditFilter,
+        page: Page,
+    ) -> StoreResult<Vec<AuditEvent>> {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!(
+            "SELECT {AUDIT_COLS} FROM audit_events WHERE org_id = "
+        ));
+        q.push_bind(org_id.to_string());
+        if let Some(a) = &f.action {
+            q.push(" AND action = ").push_bind(a.clone());
+        }
+        if let Some(a) = f.agent_id {
+            q.push(" AND (actor_agent_id = ")
+                .push_bind(a.to_string())
+                .push(" OR target_id = ")
+                .push_bind(a.to_string())
+                .push(")");
+        }
+        if let Some(k) = f.key_id {
+            q.push(" AND (actor_key_id = ")
+                .push_bind(k.to_string())
+                .push(" OR target_id = ")
+                .push_bind(k.to_string())
+                .push(")");
+        }
+        if let Some(r) = &f.run_id {
+            q.push(" AND run_id = ").push_bind(r.clone());
+        }
+        if let Some(t) = &f.thread_id {
+            q.push(" AND thread_id = ").push_bind(t.clone());
+        }
+        if let Some(o) = f.outcome {
+            q.push(" AND outcome = ").push_bind(o.as_str());
+        }
+        if let Some(s) = f.since {
+            q.push(" AND occurred_at >= ").push_bind(ms(s));
+        }
+        if let Some(u) = f.until {
+            q.push(" AND occurred_at < ").push_bind(ms(u));
+        }
+        q.push(" ORDER BY occurred_at DESC, id DESC LIMIT ")
+            .push_bind(page.limit as i64 + 1)
+            .push(" OFFSET ")
+            .push_bind(page.offset as i64);
+        let rows = q.build().fetch_all(&self.reader).await.map_err(map_err)?;
+        rows.iter().map(row_to_audit).collect()
+    }
+
+    async fn get_idempotency(
+        &self,
+        org_id: Uuid,
+        key: &str,
+    ) -> StoreResult<Option<IdempotencyRecord>> {
+        let row = sqlx::query(
+            "SELECT request_hash, status, response, agent_id, created_at FROM idempotency_keys \
+             WHERE org_id = ? AND idem_key = ?",
+        )
+        .bind(org_id.to_string())
+        .bind(key)
+        .fetch_optional(&self.writer)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let hash: Vec<u8> = get(&row, "request_hash")?;
+        let request_hash: [u8; 32] = hash.try_into().map_err(|_| corrupt("request hash"))?;
+        Ok(Some(IdempotencyRecord {
+            org_id,
+            key: key.to_string(),
+            request_hash,
+            status: u16::try_from(get::<i64>(&row, "status")?).map_err(|_| corrupt("status"))?,
+            response: from_json(&get::<String>(&row, "response")?, "stored response")?,
+            agent_id: opt_uuid(get(&row, "agent_id")?)?,
+            created_at: from_ms(get(&row, "created_at")?)?,
+        }))
+    }
+}

@@ -1,0 +1,314 @@
+//! The `keyward` binary: `serve` runs the server (embedded SQLite by default), `init` and
+//! `orgs create` bootstrap orgs and print their root keys, `migrate` brings the schema up to date.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use base64::Engine;
+use clap::{Parser, Subcommand};
+use keyward_core::clock::SystemClock;
+use keyward_server::{MasterKey, ServerConfig};
+use keyward_store::sqlite::SqliteStore;
+use keyward_store::Store;
+
+mod config;
+
+use config::{Config, GlobalArgs, ServeArgs};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "keyward",
+    version,
+    about = "Identity, API keys and access for AI agents"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (creates org `default` and prints its root key on an empty data dir).
+    Serve(ServeArgs),
+    /// Bootstrap an empty store alone: create org `default` and print its root key.
+    Init {
+        /// Print `{"org_id", "root_key"}` as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage orgs directly in the store.
+    Orgs {
+        #[command(subcommand)]
+        command: OrgsCommand,
+    },
+    /// Apply pending database migrations and exit.
+    Migrate,
+}
+
+#[derive(Debug, Subcommand)]
+enum OrgsCommand {
+    /// Create an org and print its root key.
+    Create {
+        /// The org's name.
+        name: String,
+        /// Print `{"org_id", "root_key"}` as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A failure the operator should read, with the process exit code 1.
+struct Failure(String);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Failure {
+        Failure(e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let serve_args = match &cli.command {
+        Command::Serve(s) => Some(s),
+        _ => None,
+    };
+    let config = match Config::resolve(&cli.global, serve_args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(command: Command, config: Config) -> Result<(), Failure> {
+    match command {
+        Command::Serve(_) => serve(config).await,
+        Command::Init { json } => {
+            let store = open_store(&config).await?;
+            if let Some(org) = store.first_org().await? {
+                return Err(Failure(format!(
+                    "already initialized (org `{}` {}); its root key was printed when it was created and is in {}",
+                    org.name,
+                    org.id,
+                    config.data_dir.join("root-key").display()
+                )));
+            }
+            let (org, key) =
+                keyward_server::bootstrap::create_org(store.as_ref(), &SystemClock, "default")
+                    .await?;
+            write_private(
+                &config.data_dir.join("root-key"),
+                format!("{}\n", key.expose()).as_bytes(),
+            )?;
+            print_org(json, &org.id.to_string(), &org.name, key.expose());
+            Ok(())
+        }
+        Command::Orgs {
+            command: OrgsCommand::Create { name, json },
+        } => {
+            let store = open_store(&config).await?;
+            let (org, key) =
+                keyward_server::bootstrap::create_org(store.as_ref(), &SystemClock, &name).await?;
+            print_org(json, &org.id.to_string(), &org.name, key.expose());
+            Ok(())
+        }
+        Command::Migrate => {
+            open_store(&config).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+    }
+}
+
+fn print_org(json: bool, org_id: &str, name: &str, root_key: &str) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "org_id": org_id, "root_key": root_key })
+        );
+    } else {
+        println!("Created org `{name}` ({org_id}).");
+        println!("Root key (shown once, store it now):\n\n    {root_key}\n");
+    }
+}
+
+/// Opens the configured store, creating the data dir (mode 0700) for the embedded one.
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>, Failure> {
+    if let Some(url) = &config.database_url {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Err(Failure(
+                "the PostgreSQL backend is not available in this build yet; omit --database-url to use the embedded store".into(),
+            ));
+        }
+        return Err(Failure(format!(
+            "unsupported database URL `{}`: expected postgres://...",
+            redact_url(url)
+        )));
+    }
+    create_private_dir(&config.data_dir)?;
+    let store = SqliteStore::open(&config.data_dir.join("keyward.db")).await?;
+    Ok(Arc::new(store))
+}
+
+/// Hides a password in a database URL before it is printed.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), Failure> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Failure(format!("cannot create data dir {}: {e}", dir.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    Ok(())
+}
+
+/// Writes a secret file readable by its owner only (0600), created before any byte is written.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), Failure> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .map_err(|e| Failure(format!("cannot write {}: {e}", path.display())))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// The master key: `KEYWARD_MASTER_KEY` (32 bytes, standard base64) or `<data_dir>/master.key`,
+/// created on first start.
+fn master_key(data_dir: &Path) -> Result<MasterKey, Failure> {
+    let decode = |text: &str, from: &str| -> Result<MasterKey, Failure> {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .map_err(|_| Failure(format!("{from} is not valid standard base64")))?;
+        let arr: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| Failure(format!("{from} must decode to exactly 32 bytes")))?;
+        Ok(MasterKey::from_bytes(arr))
+    };
+    if let Ok(v) = std::env::var("KEYWARD_MASTER_KEY") {
+        return decode(&v, "KEYWARD_MASTER_KEY");
+    }
+    let path = data_dir.join("master.key");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => decode(&text, &path.display().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut bytes = [0u8; 32];
+            getrandom_fill(&mut bytes)?;
+            let text = base64::engine::general_purpose::STANDARD.encode(bytes);
+            write_private(&path, format!("{text}\n").as_bytes())?;
+            tracing::info!(path = %path.display(), "created a new master key");
+            Ok(MasterKey::from_bytes(bytes))
+        }
+        Err(e) => Err(Failure(format!("cannot read {}: {e}", path.display()))),
+    }
+}
+
+fn getrandom_fill(buf: &mut [u8]) -> Result<(), Failure> {
+    let s = keyward_core::token::random_base62(64).map_err(|e| Failure(e.to_string()))?;
+    // Hash 64 unbiased base62 characters (~381 bits of OS randomness) down to the key bytes,
+    // reusing the one CSPRNG path the token code already has.
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(s.as_bytes());
+    buf.copy_from_slice(&digest[..buf.len()]);
+    Ok(())
+}
+
+async fn serve(config: Config) -> Result<(), Failure> {
+    let store = open_store(&config).await?;
+    let master_key = master_key(&config.data_dir)?;
+    if store.first_org().await?.is_none() {
+        let (org, key) =
+            keyward_server::bootstrap::create_org(store.as_ref(), &SystemClock, "default").await?;
+        let path = config.data_dir.join("root-key");
+        write_private(&path, format!("{}\n", key.expose()).as_bytes())?;
+        println!("Created org `default` ({}).", org.id);
+        println!(
+            "Root key (shown once; also written to {}):\n\n    {}\n",
+            path.display(),
+            key.expose()
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Failure(format!("cannot listen on {}: {e}", config.listen)))?;
+    let addr = listener.local_addr()?;
+    println!("Keyward listening on http://{addr}");
+    let _ = std::io::stdout().flush();
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), "keyward serving");
+    let server_config = ServerConfig {
+        trusted_proxies: config.trusted_proxies.clone(),
+        master_key,
+        clock: Arc::new(SystemClock),
+    };
+    keyward_server::serve(server_config, store, listener, shutdown_signal()).await?;
+    tracing::info!("keyward stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received; draining requests");
+}
