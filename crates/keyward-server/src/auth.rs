@@ -277,6 +277,18 @@ pub async fn middleware(
         }
         return resp;
     }
+    if snapshot.key.requires_signature {
+        match verify_signed_request(&state, &snapshot.key, req, now).await {
+            Ok(r) => req = r,
+            Err(e) => {
+                let mut resp = e.into_response();
+                if deprecated {
+                    deprecation_headers(&mut resp);
+                }
+                return resp;
+            }
+        }
+    }
     let caller = Caller {
         scopes: snapshot.key.scopes.clone(),
         key: snapshot.key,
@@ -293,6 +305,40 @@ pub async fn middleware(
         deprecation_headers(&mut resp);
     }
     resp
+}
+
+/// Buffers the body (within the 1 MiB limit), checks the request's signature and hands back an
+/// equivalent request for the handler.
+async fn verify_signed_request(
+    state: &AppState,
+    key: &Key,
+    req: Request,
+    now: keyward_core::model::Timestamp,
+) -> Result<Request, ApiError> {
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, crate::MAX_BODY_BYTES)
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::PayloadTooLarge))?;
+    let header = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok());
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or_else(|| parts.uri.path());
+    crate::signing::check(
+        key,
+        &state.config.master_key,
+        &state.replay,
+        now,
+        &crate::signing::Signed {
+            method: parts.method.as_str(),
+            path,
+            timestamp: header("x-timestamp"),
+            signature: header("x-signature"),
+            body: &bytes,
+        },
+    )?;
+    Ok(Request::from_parts(parts, axum::body::Body::from(bytes)))
 }
 
 /// Whether a key may act for an agent (agent keys and keys derived from them).

@@ -30,6 +30,7 @@ pub mod orgs;
 pub mod page;
 pub mod render;
 pub mod request_id;
+pub mod signing;
 pub mod verify;
 
 pub use crypto::MasterKey;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub config: Arc<ServerConfig>,
+    /// Signatures seen within the signing window (API.md §6.5).
+    pub replay: Arc<signing::ReplayCache>,
 }
 
 impl AppState {
@@ -168,6 +171,7 @@ pub async fn serve(
         store,
         clock: config.clock.clone(),
         config: Arc::new(config),
+        replay: Arc::new(signing::ReplayCache::default()),
     };
     axum::serve(
         listener,

@@ -31,6 +31,36 @@ fn invalid() -> proto::VerifyResponse {
     }
 }
 
+/// The signature check of a verified key that requires one, from the body's `signature`.
+fn signature(
+    state: &AppState,
+    snapshot: &KeySnapshot,
+    body: &proto::VerifyRequest,
+    now: keyward_core::model::Timestamp,
+) -> Result<(), ErrorCode> {
+    if !snapshot.key.requires_signature {
+        return Ok(());
+    }
+    let Some(sig) = &body.signature else {
+        return Err(ErrorCode::SignatureInvalid);
+    };
+    let ts = sig.timestamp.to_string();
+    crate::signing::check(
+        &snapshot.key,
+        &state.config.master_key,
+        &state.replay,
+        now,
+        &crate::signing::Signed {
+            method: &sig.method,
+            path: &sig.path,
+            timestamp: Some(&ts),
+            signature: Some(&sig.value),
+            body: sig.body.as_bytes(),
+        },
+    )
+    .map_err(|e| e.code)
+}
+
 #[utoipa::path(post, path = "/v1/keys/verify", tag = "verify",
     request_body = proto::VerifyRequest,
     responses((status = 200, body = proto::VerifyResponse), (status = "4XX", body = proto::ErrorBody)),
@@ -79,11 +109,15 @@ pub async fn verify(
         agent_status: found.agent_status,
     };
     let now = state.now();
-    let code = match check_key(&snapshot, client_ip, now, false)
-        .and_then(|()| check_scopes(&snapshot.key.scopes, &required))
-    {
-        Ok(()) => "VALID".to_string(),
+    let code = match check_key(&snapshot, client_ip, now, false) {
         Err(d) => d.code().to_string(),
+        Ok(()) => match signature(&state, &snapshot, &body, now) {
+            Err(code) => code.as_str().to_string(),
+            Ok(()) => match check_scopes(&snapshot.key.scopes, &required) {
+                Ok(()) => "VALID".to_string(),
+                Err(d) => d.code().to_string(),
+            },
+        },
     };
     let key = &snapshot.key;
     Ok(Json(proto::VerifyResponse {

@@ -1,0 +1,236 @@
+//! The HTTP test harness: starts the real server in-process on 127.0.0.1:0 through the one seam
+//! (`keyward_server::serve`) over an SQLite store in a temp dir, with a manual clock so expiry and
+//! overlap windows are tested without sleeping.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use keyward_core::clock::{Clock, ManualClock};
+use keyward_server::{MasterKey, ServerConfig};
+use keyward_store::sqlite::SqliteStore;
+use keyward_store::Store;
+use reqwest::header::HeaderMap;
+use reqwest::Method;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+/// A running server and what tests need to drive it.
+pub struct TestServer {
+    pub base: String,
+    pub org_id: String,
+    pub root_key: String,
+    pub clock: Arc<ManualClock>,
+    pub store: Arc<dyn Store>,
+    pub http: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    _dir: TempDir,
+}
+
+/// A response: status, headers and the JSON body (`Value::Null` when not JSON).
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Resp {
+    /// The error code of an error body, or "" for a success.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    /// Asserts the response is an error in the contract's shape with this status and code.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(
+            self.status, status,
+            "unexpected status; body: {}",
+            self.body
+        );
+        assert_eq!(self.code(), code, "unexpected code; body: {}", self.body);
+        let e = &self.body["error"];
+        assert_eq!(
+            e["status"].as_u64(),
+            Some(status as u64),
+            "status repeated inside"
+        );
+        assert!(
+            e["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "message present"
+        );
+        assert!(e["request_id"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("req_") || !r.is_empty()));
+        assert!(e["details"].is_object(), "details is an object");
+    }
+
+    #[track_caller]
+    pub fn assert_status(&self, status: u16) -> &Value {
+        assert_eq!(
+            self.status, status,
+            "unexpected status; body: {}",
+            self.body
+        );
+        &self.body
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// The fixed instant every test server's clock starts at.
+pub fn t0() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-11-23T10:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+impl TestServer {
+    /// Starts a server with default settings.
+    pub async fn start() -> TestServer {
+        TestServer::start_with(Vec::new()).await
+    }
+
+    /// Starts a server trusting these proxies for `X-Forwarded-For`.
+    pub async fn start_with(trusted_proxies: Vec<ipnet::IpNet>) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&dir.path().join("keyward.db"))
+                .await
+                .unwrap(),
+        );
+        let clock = Arc::new(ManualClock::new(t0()));
+        let (org, key) =
+            keyward_server::bootstrap::create_org(store.as_ref(), clock.as_ref(), "test-org")
+                .await
+                .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let config = ServerConfig {
+            trusted_proxies,
+            master_key: MasterKey::from_bytes([42u8; 32]),
+            clock: clock.clone() as Arc<dyn Clock>,
+        };
+        let s = store.clone();
+        tokio::spawn(async move {
+            keyward_server::serve(config, s, listener, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        TestServer {
+            base: format!("http://{addr}"),
+            org_id: org.id.to_string(),
+            root_key: key.expose().to_string(),
+            clock,
+            store,
+            http: reqwest::Client::new(),
+            shutdown: Some(tx),
+            _dir: dir,
+        }
+    }
+
+    /// Creates another org directly in the store, returning (org_id, root_key).
+    pub async fn new_org(&self, name: &str) -> (String, String) {
+        let (org, key) =
+            keyward_server::bootstrap::create_org(self.store.as_ref(), self.clock.as_ref(), name)
+                .await
+                .unwrap();
+        (org.id.to_string(), key.expose().to_string())
+    }
+
+    /// Moves the server's clock forward.
+    pub fn advance(&self, d: Duration) {
+        self.clock.advance(d);
+    }
+
+    /// Sends a request with an optional bearer key, extra headers and JSON body.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Resp {
+        let mut rb = self.http.request(method, format!("{}{}", self.base, path));
+        if let Some(k) = key {
+            rb = rb.bearer_auth(k);
+        }
+        for (n, v) in headers {
+            rb = rb.header(*n, *v);
+        }
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.unwrap();
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let bytes = r.bytes().await.unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Resp {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> Resp {
+        self.send(Method::GET, path, Some(key), &[], None).await
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: Value) -> Resp {
+        self.send(Method::POST, path, Some(key), &[], Some(body))
+            .await
+    }
+
+    pub async fn patch(&self, path: &str, key: &str, body: Value) -> Resp {
+        self.send(Method::PATCH, path, Some(key), &[], Some(body))
+            .await
+    }
+
+    pub async fn delete(&self, path: &str, key: &str) -> Resp {
+        self.send(Method::DELETE, path, Some(key), &[], None).await
+    }
+
+    /// `/v1/orgs/{this org}` + suffix.
+    pub fn org_path(&self, suffix: &str) -> String {
+        format!("/v1/orgs/{}{}", self.org_id, suffix)
+    }
+
+    /// Creates an agent with these provider scopes; returns (agent JSON, key JSON, api_key).
+    pub async fn create_agent(&self, name: &str, scopes: Value) -> (Value, Value, String) {
+        let r = self
+            .post(
+                &self.org_path("/agents"),
+                &self.root_key,
+                json!({ "name": name, "scopes": scopes }),
+            )
+            .await;
+        let b = r.assert_status(201).clone();
+        let api_key = b["api_key"].as_str().unwrap().to_string();
+        (b["agent"].clone(), b["key"].clone(), api_key)
+    }
+
+    /// Creates an agent with `body` as given (must succeed); returns the whole 201 body.
+    pub async fn create_agent_with(&self, body: Value) -> Value {
+        self.post(&self.org_path("/agents"), &self.root_key, body)
+            .await
+            .assert_status(201)
+            .clone()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
