@@ -7,7 +7,10 @@
 pub mod auth;
 pub mod cidr;
 pub mod clock;
+pub mod gcra;
 pub mod model;
+pub mod quota;
+pub mod rules;
 pub mod scope;
 pub mod secret;
 pub mod token;
