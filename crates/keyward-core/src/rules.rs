@@ -253,7 +253,7 @@ mod tests {
             provider in proptest::option::of(prop_oneof!["a", "b"]),
             app in proptest::option::of(prop_oneof!["x", "y"]),
         ) {
-            let f = RequestFacts { method: method.map(String::from), provider_id: provider.map(String::from), app_id: app.map(String::from), ..Default::default() };
+            let f = RequestFacts { method, provider_id: provider, app_id: app, ..Default::default() };
             let narrow = rule(json!({"provider_id": "a"}));
             let narrower = rule(json!({"provider_id": "a", "app_id": "x"}));
             prop_assert!(!matches(&narrower, &f) || matches(&narrow, &f));
