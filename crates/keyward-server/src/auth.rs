@@ -243,52 +243,49 @@ fn deprecation_headers(resp: &mut Response) {
     );
 }
 
-/// Middleware on every `/v1` route: authenticates and attaches the `Caller`.
+/// Middleware on every `/v1` route: authenticates and attaches the `Caller`. Every response to
+/// a deprecated key, success or error, carries the deprecation headers.
 pub async fn middleware(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    mut req: Request,
+    req: Request,
     next: Next,
 ) -> Response {
-    let trace = match trace_context(req.headers()) {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
+    let mut deprecated = false;
+    let mut resp = match authenticate(&state, peer, req, &mut deprecated).await {
+        Ok(req) => next.run(req).await,
+        Err(e) => e.into_response(),
     };
-    let token = match credential(req.headers()) {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
-    let found = match lookup(&state, token.expose()).await {
-        Ok(f) => f,
-        Err(e) => return e.into_response(),
-    };
+    if deprecated {
+        deprecation_headers(&mut resp);
+    }
+    resp
+}
+
+/// The checks of API.md §1 up to (not including) the endpoint's scope and org checks.
+async fn authenticate(
+    state: &AppState,
+    peer: SocketAddr,
+    mut req: Request,
+    deprecated: &mut bool,
+) -> Result<Request, ApiError> {
+    let token = credential(req.headers())?;
+    let found = lookup(state, token.expose()).await?;
     let ip = client_ip(peer.ip(), req.headers(), &state.config.trusted_proxies);
     let is_me = req.uri().path() == "/v1/me";
-    let deprecated = found.key.deprecated_at.is_some();
+    *deprecated = found.key.deprecated_at.is_some();
     let snapshot = KeySnapshot {
         key: found.key,
         agent_status: found.agent_status,
     };
     let now = state.now();
-    if let Err(d) = check_key(&snapshot, Some(ip), now, is_me) {
-        let mut resp = denial_error(d).into_response();
-        if deprecated {
-            deprecation_headers(&mut resp);
-        }
-        return resp;
-    }
+    check_key(&snapshot, Some(ip), now, is_me).map_err(denial_error)?;
     if snapshot.key.requires_signature {
-        match verify_signed_request(&state, &snapshot.key, req, now).await {
-            Ok(r) => req = r,
-            Err(e) => {
-                let mut resp = e.into_response();
-                if deprecated {
-                    deprecation_headers(&mut resp);
-                }
-                return resp;
-            }
-        }
+        req = verify_signed_request(state, &snapshot.key, req, now).await?;
     }
+    // Trace headers are validated once the credential is known to be good, so that a request
+    // without a valid key always learns that first.
+    let trace = trace_context(req.headers())?;
     let caller = Caller {
         scopes: snapshot.key.scopes.clone(),
         key: snapshot.key,
@@ -300,11 +297,7 @@ pub async fn middleware(
         },
     };
     req.extensions_mut().insert(caller);
-    let mut resp = next.run(req).await;
-    if deprecated {
-        deprecation_headers(&mut resp);
-    }
-    resp
+    Ok(req)
 }
 
 /// Buffers the body (within the 1 MiB limit), checks the request's signature and hands back an
