@@ -18,6 +18,9 @@ pub enum Denial {
     AgentPaused,
     InsufficientScope,
     NotAMember,
+    PolicyDenied,
+    ConstraintNotNarrowing,
+    RateLimited,
 }
 
 impl Denial {
@@ -31,27 +34,22 @@ impl Denial {
             Denial::AgentPaused => "AGENT_PAUSED",
             Denial::InsufficientScope => "INSUFFICIENT_SCOPE",
             Denial::NotAMember => "NOT_A_MEMBER",
+            Denial::PolicyDenied => "POLICY_DENIED",
+            Denial::ConstraintNotNarrowing => "CONSTRAINT_NOT_NARROWING",
+            Denial::RateLimited => "RATE_LIMITED",
         }
     }
-}
-
-/// What the checks need to know about a key beyond its own record.
-#[derive(Debug, Clone)]
-pub struct KeySnapshot {
-    pub key: Key,
-    /// The status of the key's agent, when it has one.
-    pub agent_status: Option<AgentStatus>,
 }
 
 /// Runs the key-state checks in contract order: revoked, expired, client IP, then agent paused /
 /// revoked unless `skip_agent_checks` (only `GET /v1/me` skips them).
 pub fn check_key(
-    snap: &KeySnapshot,
+    key: &Key,
+    agent_status: Option<AgentStatus>,
     client_ip: Option<IpAddr>,
     now: Timestamp,
     skip_agent_checks: bool,
 ) -> Result<(), Denial> {
-    let key = &snap.key;
     if key.revoked_at.is_some() {
         return Err(Denial::RevokedApiKey);
     }
@@ -65,7 +63,7 @@ pub fn check_key(
         }
     }
     if !skip_agent_checks {
-        match snap.agent_status {
+        match agent_status {
             Some(AgentStatus::Paused) => return Err(Denial::AgentPaused),
             Some(AgentStatus::Revoked) => return Err(Denial::RevokedApiKey),
             _ => {}

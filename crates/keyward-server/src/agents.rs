@@ -74,9 +74,9 @@ pub async fn create(
     // An agent credential may only create agents when its agent's policy allows sub-agents;
     // the new agent then records its parent and stays within the parent's scopes.
     let mut parent: Option<Agent> = None;
-    if is_agent_credential(&caller.key) {
+    if is_agent_credential(caller.key()) {
         let agent_id = caller
-            .key
+            .key()
             .agent_id
             .ok_or_else(|| ApiError::internal("agent key without agent"))?;
         let p = load_agent(&state, caller.org_id(), agent_id).await?;
@@ -181,7 +181,10 @@ pub async fn create(
         .create_agent(&agent, &minted.key, &events, record.as_ref())
         .await
     {
-        Ok(()) => Ok((StatusCode::CREATED, Json(resp)).into_response()),
+        Ok(()) => {
+            state.on_key_change();
+            Ok((StatusCode::CREATED, Json(resp)).into_response())
+        }
         Err(StoreError::IdempotencyKeyTaken) => match &claim {
             Some(c) => idempotency::replay_after_race(&state, c).await,
             None => Err(ApiError::internal("idempotency conflict without a claim")),

@@ -9,8 +9,11 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use keyward_core::auth::{check_key, check_scopes, Denial, KeySnapshot};
-use keyward_core::model::{AgentStatus, AuditEvent, Key, Outcome, TraceContext};
+use std::sync::Arc;
+
+use keyward_core::auth::{check_key, check_scopes, Denial};
+use keyward_core::model::{AuditEvent, Key, Outcome, TraceContext};
+use keyward_core::rules::{ConstraintError, RequestFacts};
 use keyward_core::scope::Scope;
 use keyward_core::secret::Secret;
 use keyward_core::token::{self, TokenDigest, TokenKind};
@@ -18,15 +21,17 @@ use keyward_proto::ErrorCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::cache::Prepared;
 use crate::error::ApiError;
 use crate::AppState;
 
 /// The authenticated caller of a request, with the facts audit events need.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    pub key: Key,
-    pub agent_status: Option<AgentStatus>,
-    /// The scopes this request may use (the key's; narrowed by constraints later).
+    /// The cached snapshot the request was authenticated with.
+    pub prepared: Arc<Prepared>,
+    /// The scopes this request may use: the key's, or fewer when a constraints header narrowed
+    /// them.
     pub scopes: Vec<Scope>,
     pub ctx: RequestContext,
 }
@@ -40,8 +45,13 @@ pub struct RequestContext {
 }
 
 impl Caller {
+    /// The calling key.
+    pub fn key(&self) -> &Key {
+        &self.prepared.key
+    }
+
     pub fn org_id(&self) -> Uuid {
-        self.key.org_id
+        self.prepared.key.org_id
     }
 
     /// The endpoint's scope check: `403 INSUFFICIENT_SCOPE` with the required scopes.
@@ -57,7 +67,7 @@ impl Caller {
 
     /// The org check: a credential of another org gets `403 NOT_A_MEMBER`.
     pub fn require_org(&self, org_id: Uuid) -> Result<(), ApiError> {
-        if self.key.org_id == org_id {
+        if self.org_id() == org_id {
             Ok(())
         } else {
             Err(ApiError::new(ErrorCode::NotAMember))
@@ -81,13 +91,13 @@ impl Caller {
     ) -> AuditEvent {
         AuditEvent {
             id: Uuid::now_v7(),
-            org_id: self.key.org_id,
+            org_id: self.org_id(),
             occurred_at: now,
             action: action.to_string(),
             outcome: Outcome::Success,
             error_code: None,
-            actor_key_id: Some(self.key.id),
-            actor_agent_id: self.key.agent_id,
+            actor_key_id: Some(self.key().id),
+            actor_agent_id: self.key().agent_id,
             target_type: Some(target_type.to_string()),
             target_id: Some(target_id),
             client_ip: self.ctx.client_ip.map(|ip| ip.to_string()),
@@ -214,23 +224,104 @@ pub fn denial_error(d: Denial) -> ApiError {
         Denial::AgentPaused => ErrorCode::AgentPaused,
         Denial::InsufficientScope => ErrorCode::InsufficientScope,
         Denial::NotAMember => ErrorCode::NotAMember,
+        Denial::PolicyDenied => ErrorCode::PolicyDenied,
+        Denial::ConstraintNotNarrowing => ErrorCode::ConstraintNotNarrowing,
+        Denial::RateLimited => ErrorCode::RateLimited,
     };
     ApiError::new(code)
 }
 
-/// Looks a presented token up: parse (no store access for malformed tokens), digest, find.
-pub async fn lookup(
-    state: &AppState,
-    token: &str,
-) -> Result<keyward_store::KeyWithAgent, ApiError> {
+/// Looks a presented token up: parse (no store access for malformed tokens), digest, then the
+/// verify cache (which reads the store on a miss).
+pub async fn lookup(state: &AppState, token: &str) -> Result<Arc<Prepared>, ApiError> {
     token::parse(token).map_err(|_| ApiError::new(ErrorCode::InvalidApiKey))?;
     let digest = TokenDigest::of(token);
-    let found = state.store.find_key_by_digest(&digest).await?;
-    match found {
-        // The lookup is by digest, so this compare is belt and braces against a store that
-        // returned the wrong row; it is constant-time like every compare of secret material.
-        Some(k) if keyward_core::secret::ct_eq(k.key.digest.as_bytes(), digest.as_bytes()) => Ok(k),
+    match state.cache.lookup(state.store.as_ref(), digest).await? {
+        // The lookup is by digest, so this compare is belt and braces against a cache or store
+        // that returned the wrong entry; it is constant-time like every compare of secret
+        // material.
+        Some(p) if keyward_core::secret::ct_eq(p.key.digest.as_bytes(), digest.as_bytes()) => Ok(p),
         _ => Err(ApiError::new(ErrorCode::InvalidApiKey)),
+    }
+}
+
+/// The rate-limit state to report on a response.
+#[derive(Debug, Clone, Copy)]
+pub struct RateHeaders {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Unix seconds when the bucket is full again.
+    pub reset: i64,
+}
+
+impl RateHeaders {
+    fn apply(&self, resp: &mut Response) {
+        for (name, v) in [
+            ("x-ratelimit-limit", self.limit.to_string()),
+            ("x-ratelimit-remaining", self.remaining.to_string()),
+            ("x-ratelimit-reset", self.reset.to_string()),
+        ] {
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                resp.headers_mut().insert(name, v);
+            }
+        }
+    }
+}
+
+/// Runs the key's rate limit for one request at `now`: the headers to report, or
+/// `429 RATE_LIMITED` with `retry_after`. Keys without a limit get `Ok(None)`.
+pub fn rate_limit(
+    state: &AppState,
+    prepared: &Prepared,
+    now: keyward_core::model::Timestamp,
+) -> (Option<RateHeaders>, Result<(), ApiError>) {
+    let Some(gcra) = prepared.rate else {
+        return (None, Ok(()));
+    };
+    let now_ns = now.timestamp_nanos_opt().unwrap_or(i64::MAX);
+    let key = &prepared.key;
+    let bucket = key.parent_key_id.unwrap_or(key.id);
+    let d = state.limiter.check(bucket, &gcra, now_ns);
+    let headers = RateHeaders {
+        limit: gcra.limit,
+        remaining: d.remaining,
+        reset: (now_ns.saturating_add(d.reset_after_ns) + 999_999_999) / 1_000_000_000,
+    };
+    metrics::counter!("keyward_ratelimit_decisions_total", "allowed" => if d.allowed { "true" } else { "false" }).increment(1);
+    if d.allowed {
+        (Some(headers), Ok(()))
+    } else {
+        let secs = ((d.retry_after_ns + 999_999_999) / 1_000_000_000).max(1) as u64;
+        let mut e = ApiError::new(ErrorCode::RateLimited).details(json!({ "limit": gcra.limit }));
+        e.retry_after = Some(secs);
+        (Some(headers), Err(e))
+    }
+}
+
+/// The facts of a request to Keyward's own API, for deny rules.
+fn api_facts(key: &Key, method: &str, ip: IpAddr) -> RequestFacts {
+    RequestFacts {
+        method: Some(method.to_string()),
+        provider_id: None,
+        app_id: None,
+        agent_id: key.agent_id.map(|a| a.to_string()),
+        api_key_id: Some(key.id.to_string()),
+        environment: Some(key.environment.as_str().to_string()),
+        client_ip: Some(ip),
+        resource_kind: None,
+    }
+}
+
+/// Applies a constraints value to the key's scopes: the narrowed scopes and the extra rule.
+pub fn apply_constraints(
+    value: &str,
+    key_scopes: &[Scope],
+) -> Result<(Vec<Scope>, Option<keyward_core::model::Rule>), ApiError> {
+    match keyward_core::rules::parse_constraints_header(value, key_scopes) {
+        Ok(c) => Ok((c.scopes.unwrap_or_else(|| key_scopes.to_vec()), c.rule)),
+        Err(ConstraintError::NotNarrowing) => Err(ApiError::new(ErrorCode::ConstraintNotNarrowing)
+            .details(json!({ "field": "Keyward-Constraints" }))),
+        Err(ConstraintError::Invalid(e)) => Err(e.into()),
     }
 }
 
@@ -244,52 +335,91 @@ fn deprecation_headers(resp: &mut Response) {
 }
 
 /// Middleware on every `/v1` route: authenticates and attaches the `Caller`. Every response to
-/// a deprecated key, success or error, carries the deprecation headers.
+/// a deprecated key, success or error, carries the deprecation headers, and every response to a
+/// rate-limited key carries the `X-RateLimit-*` headers.
 pub async fn middleware(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
     next: Next,
 ) -> Response {
-    let mut deprecated = false;
-    let mut resp = match authenticate(&state, peer, req, &mut deprecated).await {
+    let mut meta = Meta::default();
+    let mut resp = match authenticate(&state, peer, req, &mut meta).await {
         Ok(req) => next.run(req).await,
         Err(e) => e.into_response(),
     };
-    if deprecated {
+    if meta.deprecated {
         deprecation_headers(&mut resp);
+    }
+    if let Some(r) = meta.rate {
+        r.apply(&mut resp);
     }
     resp
 }
 
-/// The checks of API.md §1 up to (not including) the endpoint's scope and org checks.
+/// What the middleware learns while authenticating that every response reports.
+#[derive(Debug, Default)]
+struct Meta {
+    deprecated: bool,
+    rate: Option<RateHeaders>,
+}
+
+/// Whether org and agent rules are waived for this request: a root key changing its own org
+/// (`PATCH /v1/orgs/{org}`), so a rule that denies too much can always be repaired through the
+/// API. The caller's own constraints header still applies.
+fn rules_waived(key: &Key, method: &axum::http::Method, path: &str) -> bool {
+    key.kind == TokenKind::Root
+        && method == axum::http::Method::PATCH
+        && path
+            .strip_prefix("/v1/orgs/")
+            .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+}
+
+/// The checks of API.md §1 up to (not including) the endpoint's scope and org checks, in
+/// contract order: key state, agent state, signature, constraints and rules, rate limit.
 async fn authenticate(
     state: &AppState,
     peer: SocketAddr,
     mut req: Request,
-    deprecated: &mut bool,
+    meta: &mut Meta,
 ) -> Result<Request, ApiError> {
     let token = credential(req.headers())?;
-    let found = lookup(state, token.expose()).await?;
+    let prepared = lookup(state, token.expose()).await?;
+    let key = &prepared.key;
     let ip = client_ip(peer.ip(), req.headers(), &state.config.trusted_proxies);
     let is_me = req.uri().path() == "/v1/me";
-    *deprecated = found.key.deprecated_at.is_some();
-    let snapshot = KeySnapshot {
-        key: found.key,
-        agent_status: found.agent_status,
-    };
+    meta.deprecated = key.deprecated_at.is_some();
     let now = state.now();
-    check_key(&snapshot, Some(ip), now, is_me).map_err(denial_error)?;
-    if snapshot.key.requires_signature {
-        req = verify_signed_request(state, &snapshot.key, req, now).await?;
+    check_key(key, prepared.agent_status, Some(ip), now, is_me).map_err(denial_error)?;
+    if key.requires_signature {
+        req = verify_signed_request(state, key, req, now).await?;
     }
+    let mut scopes = key.scopes.clone();
+    let mut own_rule = None;
+    if let Some(v) = req.headers().get("keyward-constraints") {
+        let v = v.to_str().map_err(|_| {
+            ApiError::validation("Keyward-Constraints", "must be base64url-encoded JSON")
+        })?;
+        (scopes, own_rule) = apply_constraints(v, &key.scopes)?;
+    }
+    let facts = api_facts(key, req.method().as_str(), ip);
+    let waived = rules_waived(key, req.method(), req.uri().path());
+    let denied = own_rule
+        .as_ref()
+        .is_some_and(|r| keyward_core::rules::matches(r, &facts))
+        || (!waived && keyward_core::rules::first_denial(&prepared.rules, &facts).is_some());
+    if denied {
+        return Err(ApiError::new(ErrorCode::PolicyDenied));
+    }
+    let (rate, limited) = rate_limit(state, &prepared, now);
+    meta.rate = rate;
+    limited?;
     // Trace headers are validated once the credential is known to be good, so that a request
     // without a valid key always learns that first.
     let trace = trace_context(req.headers())?;
     let caller = Caller {
-        scopes: snapshot.key.scopes.clone(),
-        key: snapshot.key,
-        agent_status: snapshot.agent_status,
+        scopes,
+        prepared: prepared.clone(),
         ctx: RequestContext {
             client_ip: Some(ip),
             request_id: crate::request_id::current(),

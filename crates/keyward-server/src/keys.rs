@@ -249,7 +249,10 @@ async fn insert_minted(
         .insert_key(&minted.key, &audit, record.as_ref())
         .await
     {
-        Ok(()) => Ok(created(&resp)),
+        Ok(()) => {
+            state.on_key_change();
+            Ok(created(&resp))
+        }
         Err(StoreError::IdempotencyKeyTaken) => match &claim {
             Some(c) => idempotency::replay_after_race(state, c).await,
             None => Err(ApiError::internal("idempotency conflict without a claim")),
@@ -371,6 +374,7 @@ async fn set_deprecated(
         .update_key(&key, &audit)
         .await
         .map_err(not_found_as_key)?;
+    state.on_key_change();
     Ok(Json(render::key(&key)))
 }
 
@@ -662,7 +666,7 @@ pub async fn derive(
     headers: HeaderMap,
     ApiJson(body): ApiJson<proto::DeriveKeyRequest>,
 ) -> ApiResult<Response> {
-    if caller.key.kind == TokenKind::Derived {
+    if caller.key().kind == TokenKind::Derived {
         return Err(ApiError::new(ErrorCode::InsufficientScope)
             .msg("A derived key cannot derive further keys")
             .details(json!({ "required": ["keys:derive"] })));
@@ -687,10 +691,10 @@ pub async fn derive(
         return Err(ApiError::validation("expires_in", "must be greater than 0"));
     }
     let cidr_allowlist = match &body.cidr_allowlist {
-        None => caller.key.cidr_allowlist.clone(),
+        None => caller.key().cidr_allowlist.clone(),
         Some(list) => {
             let parsed = parse_cidrs("cidr_allowlist", list)?;
-            if !keyward_core::cidr::is_subset(&parsed, &caller.key.cidr_allowlist) {
+            if !keyward_core::cidr::is_subset(&parsed, &caller.key().cidr_allowlist) {
                 return Err(ApiError::new(ErrorCode::CidrNotSubset)
                     .details(json!({ "field": "cidr_allowlist" })));
             }
@@ -716,25 +720,25 @@ pub async fn derive(
     // The lifetime is capped, not refused: by the org's ceiling and by the parent's own expiry.
     let ttl = body.expires_in.min(org.policy.max_key_ttl_s);
     let mut expires_at = now + Duration::seconds(ttl as i64);
-    if let Some(parent_exp) = caller.key.expires_at {
+    if let Some(parent_exp) = caller.key().expires_at {
         expires_at = expires_at.min(parent_exp);
     }
-    let api_key =
-        token::generate(caller.key.environment, TokenKind::Derived).map_err(ApiError::internal)?;
+    let api_key = token::generate(caller.key().environment, TokenKind::Derived)
+        .map_err(ApiError::internal)?;
     let key = Key {
         id: Uuid::now_v7(),
         org_id: caller.org_id(),
-        agent_id: caller.key.agent_id,
-        parent_key_id: Some(caller.key.id),
+        agent_id: caller.key().agent_id,
+        parent_key_id: Some(caller.key().id),
         kind: TokenKind::Derived,
-        environment: caller.key.environment,
+        environment: caller.key().environment,
         name: body.name.clone(),
         start: token::display_start(api_key.expose()),
         digest: TokenDigest::of(api_key.expose()),
         scopes,
         cidr_allowlist,
-        rate_limit: caller.key.rate_limit.clone(),
-        quota: caller.key.quota,
+        rate_limit: caller.key().rate_limit.clone(),
+        quota: caller.key().quota,
         alert_thresholds: Vec::new(),
         requires_signature: false,
         signing_secret_enc: None,

@@ -18,11 +18,13 @@ pub mod agents;
 pub mod audit;
 pub mod auth;
 pub mod bootstrap;
+pub mod cache;
 pub mod crypto;
 pub mod error;
 pub mod extract;
 pub mod idempotency;
 pub mod keys;
+pub mod limiter;
 pub mod me;
 pub mod openapi;
 pub mod ops;
@@ -47,6 +49,8 @@ pub struct ServerConfig {
     pub master_key: MasterKey,
     /// The time source; tests inject a manual clock.
     pub clock: Arc<dyn Clock>,
+    /// Sizes and lifetimes of the verify cache.
+    pub cache: cache::CacheSettings,
 }
 
 /// Shared state of every handler.
@@ -57,6 +61,10 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     /// Signatures seen within the signing window (API.md §6.5).
     pub replay: Arc<signing::ReplayCache>,
+    /// Prepared key snapshots by digest.
+    pub cache: Arc<cache::VerifyCache>,
+    /// Per-key rate-limit state.
+    pub limiter: Arc<limiter::Limiter>,
 }
 
 impl AppState {
@@ -66,10 +74,11 @@ impl AppState {
         keyward_core::clock::truncate_to_millis(self.clock.now())
     }
 
-    /// Called after every write that changes what a key may do. Today it only counts; the
-    /// verify cache hooks its invalidation here.
+    /// Called after every write that changes what a key may do (or creates one): drops the
+    /// verify cache on this node at once.
     pub fn on_key_change(&self) {
         metrics::counter!("keyward_key_changes_total").increment(1);
+        self.cache.invalidate_all();
     }
 }
 
@@ -167,11 +176,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     ops::prometheus();
+    let cache = Arc::new(cache::VerifyCache::new(config.cache));
     let state = AppState {
         store,
         clock: config.clock.clone(),
         config: Arc::new(config),
         replay: Arc::new(signing::ReplayCache::default()),
+        cache,
+        limiter: Arc::new(limiter::Limiter::default()),
     };
     axum::serve(
         listener,

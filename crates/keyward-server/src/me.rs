@@ -17,12 +17,12 @@ pub async fn me(
     State(state): State<AppState>,
     caller: Caller,
 ) -> ApiResult<Json<proto::MeResponse>> {
-    let Some(agent_id) = caller.key.agent_id else {
+    let Some(agent_id) = caller.key().agent_id else {
         return Err(ApiError::new(ErrorCode::MeRequiresAgentKey));
     };
     let agent = load_agent(&state, caller.org_id(), agent_id).await?;
     Ok(Json(proto::MeResponse {
         agent: render::agent(&agent),
-        key: render::key(&caller.key),
+        key: render::key(caller.key()),
     }))
 }

@@ -1,15 +1,23 @@
 //! `POST /v1/keys/verify` (API.md §5): lets the caller's own services check a key they received.
 //! Always `200` for a well-formed request; the answer says whether the key is valid and why not.
+//! The verified key goes through the same pipeline as a direct call (key state, agent state,
+//! signature, constraints and deny rules, rate limit, then the required scopes), and counts
+//! against its rate limit exactly like one.
 
 use std::net::IpAddr;
 
 use axum::extract::State;
 use axum::Json;
-use keyward_core::auth::{check_key, check_scopes, KeySnapshot};
+use keyward_core::auth::{check_key, check_scopes};
+use keyward_core::model::Timestamp;
+use keyward_core::rules::{self, RequestFacts};
+use keyward_core::scope::Scope;
 use keyward_proto::{self as proto, ErrorCode};
 
-use crate::auth::{lookup, Caller};
+use crate::auth::{lookup, rate_limit, Caller, RateHeaders};
+use crate::cache::Prepared;
 use crate::error::{ApiError, ApiResult};
+use crate::extract::ApiJson;
 use crate::keys::parse_scopes;
 use crate::AppState;
 
@@ -34,11 +42,11 @@ fn invalid() -> proto::VerifyResponse {
 /// The signature check of a verified key that requires one, from the body's `signature`.
 fn signature(
     state: &AppState,
-    snapshot: &KeySnapshot,
+    p: &Prepared,
     body: &proto::VerifyRequest,
-    now: keyward_core::model::Timestamp,
+    now: Timestamp,
 ) -> Result<(), ErrorCode> {
-    if !snapshot.key.requires_signature {
+    if !p.key.requires_signature {
         return Ok(());
     }
     let Some(sig) = &body.signature else {
@@ -46,7 +54,7 @@ fn signature(
     };
     let ts = sig.timestamp.to_string();
     crate::signing::check(
-        &snapshot.key,
+        &p.key,
         &state.config.master_key,
         &state.replay,
         now,
@@ -61,6 +69,54 @@ fn signature(
     .map_err(|e| e.code)
 }
 
+/// Runs the whole pipeline for the verified key; the code it ends with and the rate state.
+fn decide(
+    state: &AppState,
+    p: &Prepared,
+    body: &proto::VerifyRequest,
+    facts: &RequestFacts,
+    required: &[Scope],
+    now: Timestamp,
+) -> (Result<(), ErrorCode>, Option<RateHeaders>) {
+    let key = &p.key;
+    if let Err(d) = check_key(key, p.agent_status, facts.client_ip, now, false) {
+        return (Err(crate::auth::denial_error(d).code), None);
+    }
+    if let Err(code) = signature(state, p, body, now) {
+        return (Err(code), None);
+    }
+    let mut scopes = key.scopes.clone();
+    if let Some(c) = &body.constraints {
+        match rules::parse_constraints_json(c, &key.scopes) {
+            Ok(c) => {
+                if let Some(s) = c.scopes {
+                    scopes = s;
+                }
+                if c.rule.as_ref().is_some_and(|r| rules::matches(r, facts)) {
+                    return (Err(ErrorCode::PolicyDenied), None);
+                }
+            }
+            Err(rules::ConstraintError::NotNarrowing) => {
+                return (Err(ErrorCode::ConstraintNotNarrowing), None)
+            }
+            Err(rules::ConstraintError::Invalid(_)) => {
+                return (Err(ErrorCode::ValidationError), None)
+            }
+        }
+    }
+    if rules::first_denial(&p.rules, facts).is_some() {
+        return (Err(ErrorCode::PolicyDenied), None);
+    }
+    let (rate, limited) = rate_limit(state, p, now);
+    if limited.is_err() {
+        return (Err(ErrorCode::RateLimited), rate);
+    }
+    if check_scopes(&scopes, required).is_err() {
+        return (Err(ErrorCode::InsufficientScope), rate);
+    }
+    (Ok(()), rate)
+}
+
 #[utoipa::path(post, path = "/v1/keys/verify", tag = "verify",
     request_body = proto::VerifyRequest,
     responses((status = 200, body = proto::VerifyResponse), (status = "4XX", body = proto::ErrorBody)),
@@ -68,7 +124,7 @@ fn signature(
 pub async fn verify(
     State(state): State<AppState>,
     caller: Caller,
-    crate::extract::ApiJson(body): crate::extract::ApiJson<proto::VerifyRequest>,
+    ApiJson(body): ApiJson<proto::VerifyRequest>,
 ) -> ApiResult<Json<proto::VerifyResponse>> {
     caller.require(&["keys:verify"])?;
     // Validate the whole request before looking at the key, so a malformed request is a 400
@@ -77,8 +133,8 @@ pub async fn verify(
         "required_scopes",
         body.required_scopes.as_deref().unwrap_or(&[]),
     )?;
-    let facts = body.request.clone().unwrap_or_default();
-    let client_ip: Option<IpAddr> = facts
+    let given = body.request.clone().unwrap_or_default();
+    let client_ip: Option<IpAddr> = given
         .client_ip
         .as_deref()
         .map(|s| {
@@ -92,35 +148,47 @@ pub async fn verify(
             "must be at most 1024 characters",
         ));
     }
+    if let Some(c) = &body.constraints {
+        // Shape errors are the caller's mistake (400); narrowing is judged against the key.
+        if let Err(rules::ConstraintError::Invalid(e)) =
+            rules::parse_constraints_json(c, &[Scope::all()])
+        {
+            return Err(e.into());
+        }
+    }
 
-    let found = match lookup(&state, &body.key).await {
-        Ok(f) if f.key.org_id == caller.org_id() => f,
+    let p = match lookup(&state, &body.key).await {
+        Ok(p) if p.key.org_id == caller.org_id() => p,
         // Unknown, malformed, or another org's key: nothing more is said.
-        Ok(_) => return Ok(Json(invalid())),
-        Err(e) if e.code == ErrorCode::InvalidApiKey => return Ok(Json(invalid())),
+        Ok(_) => return Ok(Json(count(invalid()))),
+        Err(e) if e.code == ErrorCode::InvalidApiKey => return Ok(Json(count(invalid()))),
         Err(e) => return Err(e),
     };
-    let agent = match found.key.agent_id {
-        Some(id) => state.store.get_agent(found.key.org_id, id).await?,
-        None => None,
-    };
-    let snapshot = KeySnapshot {
-        key: found.key,
-        agent_status: found.agent_status,
+    let key = &p.key;
+    let facts = RequestFacts {
+        method: given.method.clone(),
+        provider_id: given.provider_id.clone(),
+        app_id: given.app_id.clone(),
+        agent_id: key.agent_id.map(|a| a.to_string()),
+        api_key_id: Some(key.id.to_string()),
+        environment: given
+            .environment
+            .clone()
+            .or_else(|| Some(key.environment.as_str().to_string())),
+        client_ip,
+        resource_kind: given.resource_kind.clone(),
     };
     let now = state.now();
-    let code = match check_key(&snapshot, client_ip, now, false) {
-        Err(d) => d.code().to_string(),
-        Ok(()) => match signature(&state, &snapshot, &body, now) {
-            Err(code) => code.as_str().to_string(),
-            Ok(()) => match check_scopes(&snapshot.key.scopes, &required) {
-                Ok(()) => "VALID".to_string(),
-                Err(d) => d.code().to_string(),
-            },
-        },
+    let (decision, rate) = decide(&state, &p, &body, &facts, &required, now);
+    let code = match decision {
+        Ok(()) => "VALID".to_string(),
+        Err(c) => c.as_str().to_string(),
     };
-    let key = &snapshot.key;
-    Ok(Json(proto::VerifyResponse {
+    let agent = match key.agent_id {
+        Some(id) => state.store.get_agent(key.org_id, id).await?,
+        None => None,
+    };
+    Ok(Json(count(proto::VerifyResponse {
         valid: code == "VALID",
         code,
         key_id: Some(key.id),
@@ -131,12 +199,22 @@ pub async fn verify(
         scopes: Some(key.scopes.iter().map(|s| s.as_str().to_string()).collect()),
         expires_at: key.expires_at,
         deprecated: Some(key.deprecated_at.is_some()),
-        ratelimit: None,
+        ratelimit: rate.map(|r| proto::RateLimitState {
+            limit: r.limit,
+            remaining: r.remaining,
+            reset: r.reset,
+        }),
         quota: None,
         agent: agent.map(|a| proto::VerifyAgent {
             id: a.id,
             name: a.name,
             status: a.status.as_str().to_string(),
         }),
-    }))
+    })))
+}
+
+/// Counts a verification by its outcome code for `/metrics`.
+fn count(r: proto::VerifyResponse) -> proto::VerifyResponse {
+    metrics::counter!("keyward_verifications_total", "code" => r.code.clone()).increment(1);
+    r
 }

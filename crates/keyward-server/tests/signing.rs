@@ -30,7 +30,7 @@ async fn signing_agent(s: &TestServer) -> (String, String, String) {
     )
 }
 
-fn signed<'a>(secret: &str, method: &str, path: &str, ts: i64, body: &[u8]) -> (String, String) {
+fn signed(secret: &str, method: &str, path: &str, ts: i64, body: &[u8]) -> (String, String) {
     (ts.to_string(), sign_request(secret, method, path, ts, body))
 }
 

@@ -7,8 +7,8 @@
 
 use async_trait::async_trait;
 use keyward_core::model::{
-    Agent, AgentStatus, AuditEvent, AuditFilter, IdempotencyRecord, Key, KeyFilter, Org, Page,
-    Timestamp,
+    Agent, AgentStatus, AuditEvent, AuditFilter, IdempotencyRecord, JsonObject, Key, KeyFilter,
+    Org, OrgPolicy, Page, Timestamp,
 };
 use keyward_core::token::TokenDigest;
 use uuid::Uuid;
@@ -44,11 +44,16 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// The key record with what the credential checks need of its agent.
+/// The key record with what the credential checks need of its agent and org: everything the
+/// hot path reads, in one lookup.
 #[derive(Debug, Clone)]
 pub struct KeyWithAgent {
     pub key: Key,
     pub agent_status: Option<AgentStatus>,
+    /// The agent's `policy` object (its `rules` apply to every request of the agent).
+    pub agent_policy: Option<JsonObject>,
+    /// The org's policy (tiers, default rate limit, org-wide rules).
+    pub org_policy: OrgPolicy,
 }
 
 /// The result of a revocation: every key id whose `revoked_at` was set by it.

@@ -259,6 +259,9 @@ fn getrandom_fill(buf: &mut [u8]) -> Result<(), Failure> {
 }
 
 async fn serve(config: Config) -> Result<(), Failure> {
+    // Handlers go in first: a SIGTERM that arrives once we have announced ourselves (or during
+    // bootstrap) must trigger a graceful shutdown, never the default disposition (death by signal).
+    let shutdown = shutdown_signal()?;
     let store = open_store(&config).await?;
     let master_key = master_key(&config.data_dir)?;
     if store.first_org().await?.is_none() {
@@ -284,31 +287,38 @@ async fn serve(config: Config) -> Result<(), Failure> {
         trusted_proxies: config.trusted_proxies.clone(),
         master_key,
         clock: Arc::new(SystemClock),
+        cache: Default::default(),
     };
-    keyward_server::serve(server_config, store, listener, shutdown_signal()).await?;
+    keyward_server::serve(server_config, store, listener, shutdown).await?;
     tracing::info!("keyward stopped");
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Installs the SIGINT and SIGTERM handlers now and returns a future that resolves on either.
+///
+/// The handlers are registered before this returns (not on the future's first poll), so a signal
+/// sent as soon as the listening line is printed is never lost to the default disposition.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, Failure> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut interrupt = signal(SignalKind::interrupt())
+            .map_err(|e| Failure(format!("cannot install the SIGINT handler: {e}")))?;
+        let mut terminate = signal(SignalKind::terminate())
+            .map_err(|e| Failure(format!("cannot install the SIGTERM handler: {e}")))?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {},
+                _ = terminate.recv() => {},
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+            tracing::info!("shutdown signal received; draining requests");
+        })
     }
-    tracing::info!("shutdown signal received; draining requests");
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutdown signal received; draining requests");
+        })
+    }
 }

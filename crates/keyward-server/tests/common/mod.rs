@@ -115,6 +115,7 @@ impl TestServer {
             trusted_proxies,
             master_key: MasterKey::from_bytes([42u8; 32]),
             clock: clock.clone() as Arc<dyn Clock>,
+            cache: Default::default(),
         };
         let s = store.clone();
         tokio::spawn(async move {

@@ -654,7 +654,8 @@ impl Store for SqliteStore {
 
     async fn find_key_by_digest(&self, digest: &TokenDigest) -> StoreResult<Option<KeyWithAgent>> {
         let row = sqlx::query(&format!(
-            "SELECT {KEY_COLS}, a.status AS agent_status FROM keys k \
+            "SELECT {KEY_COLS}, a.status AS agent_status, a.policy AS agent_policy, \
+             o.policy AS org_policy FROM keys k JOIN orgs o ON o.id = k.org_id \
              LEFT JOIN agents a ON a.id = k.agent_id WHERE k.digest = ?"
         ))
         .bind(digest.as_bytes())
@@ -668,7 +669,16 @@ impl Store for SqliteStore {
                 let agent_status = get::<Option<String>>(&row, "agent_status")?
                     .map(|s| AgentStatus::parse(&s).ok_or_else(|| corrupt("agent status")))
                     .transpose()?;
-                Ok(Some(KeyWithAgent { key, agent_status }))
+                let agent_policy = get::<Option<String>>(&row, "agent_policy")?
+                    .map(|s| from_json(&s, "agent policy"))
+                    .transpose()?;
+                let org_policy = from_json(&get::<String>(&row, "org_policy")?, "org policy")?;
+                Ok(Some(KeyWithAgent {
+                    key,
+                    agent_status,
+                    agent_policy,
+                    org_policy,
+                }))
             }
         }
     }
