@@ -476,3 +476,30 @@ pub struct PageQuery {
 pub struct Health {
     pub status: String,
 }
+
+/// Usage counts of a key.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageTotals {
+    pub allowed: u64,
+    pub denied: u64,
+    pub rate_limited: u64,
+}
+
+/// One hour's or day's counts.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageBucket {
+    #[serde(with = "crate::ts")]
+    pub start: DateTime<Utc>,
+    pub allowed: u64,
+    pub denied: u64,
+    pub rate_limited: u64,
+}
+
+/// `GET /v1/keys/{key_id}/usage` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageResponse {
+    pub key_id: Uuid,
+    pub total: UsageTotals,
+    pub buckets: Vec<UsageBucket>,
+    pub quota: Option<QuotaState>,
+}

@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::cache::Prepared;
 use crate::error::ApiError;
+use crate::usage::Use;
 use crate::AppState;
 
 /// The authenticated caller of a request, with the facts audit events need.
@@ -380,16 +381,38 @@ fn rules_waived(key: &Key, method: &axum::http::Method, path: &str) -> bool {
 async fn authenticate(
     state: &AppState,
     peer: SocketAddr,
-    mut req: Request,
+    req: Request,
     meta: &mut Meta,
 ) -> Result<Request, ApiError> {
     let token = credential(req.headers())?;
     let prepared = lookup(state, token.expose()).await?;
+    let now = state.now();
+    let result = authorize(state, &prepared, peer, req, meta, now).await;
+    let outcome = match &result {
+        Ok(_) => Use::Allowed,
+        Err(e) if matches!(e.code, ErrorCode::RateLimited | ErrorCode::QuotaExceeded) => {
+            Use::RateLimited
+        }
+        Err(_) => Use::Denied,
+    };
+    state.meter.record(&prepared.key, outcome, now);
+    result
+}
+
+/// Everything after the key is found: key state, agent state, signature, constraints and
+/// rules, rate limit, quota.
+async fn authorize(
+    state: &AppState,
+    prepared: &Arc<Prepared>,
+    peer: SocketAddr,
+    mut req: Request,
+    meta: &mut Meta,
+    now: keyward_core::model::Timestamp,
+) -> Result<Request, ApiError> {
     let key = &prepared.key;
     let ip = client_ip(peer.ip(), req.headers(), &state.config.trusted_proxies);
     let is_me = req.uri().path() == "/v1/me";
     meta.deprecated = key.deprecated_at.is_some();
-    let now = state.now();
     check_key(key, prepared.agent_status, Some(ip), now, is_me).map_err(denial_error)?;
     if key.requires_signature {
         req = verify_signed_request(state, key, req, now).await?;
@@ -411,9 +434,13 @@ async fn authenticate(
     if denied {
         return Err(ApiError::new(ErrorCode::PolicyDenied));
     }
-    let (rate, limited) = rate_limit(state, &prepared, now);
+    let (rate, limited) = rate_limit(state, prepared, now);
     meta.rate = rate;
     limited?;
+    state
+        .meter
+        .take_quota(state.store.as_ref(), key, now)
+        .await?;
     // Trace headers are validated once the credential is known to be good, so that a request
     // without a valid key always learns that first.
     let trace = trace_context(req.headers())?;

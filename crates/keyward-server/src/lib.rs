@@ -33,6 +33,8 @@ pub mod page;
 pub mod render;
 pub mod request_id;
 pub mod signing;
+pub mod usage;
+pub mod usage_api;
 pub mod verify;
 
 pub use crypto::MasterKey;
@@ -51,6 +53,9 @@ pub struct ServerConfig {
     pub clock: Arc<dyn Clock>,
     /// Sizes and lifetimes of the verify cache.
     pub cache: cache::CacheSettings,
+    /// How often usage counts and last-used times are written to the store (API.md §6.3 asks
+    /// that they be visible within 2 seconds).
+    pub usage_flush_interval: std::time::Duration,
 }
 
 /// Shared state of every handler.
@@ -65,6 +70,8 @@ pub struct AppState {
     pub cache: Arc<cache::VerifyCache>,
     /// Per-key rate-limit state.
     pub limiter: Arc<limiter::Limiter>,
+    /// Usage counts, last-used times and quota counters not yet flushed.
+    pub meter: Arc<usage::Meter>,
 }
 
 impl AppState {
@@ -140,6 +147,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/v1/keys/{key_id}/rotate", post(keys::rotate))
         .route("/v1/keys/{key_id}/revoke", post(keys::revoke_key))
+        .route("/v1/keys/{key_id}/usage", get(usage_api::usage))
         .route("/v1/me", get(me::me))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -184,11 +192,35 @@ pub async fn serve(
         replay: Arc::new(signing::ReplayCache::default()),
         cache,
         limiter: Arc::new(limiter::Limiter::default()),
+        meter: Arc::new(usage::Meter::default()),
     };
-    axum::serve(
+    let flusher = tokio::spawn(flush_usage(state.clone()));
+    let served = axum::serve(
         listener,
-        app(state).into_make_service_with_connect_info::<SocketAddr>(),
+        app(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
-    .await
+    .await;
+    flusher.abort();
+    // The last counts of a graceful shutdown are written before the process goes.
+    if let Err(e) = state.meter.flush(state.store.as_ref()).await {
+        tracing::error!(error = %e, "final usage flush failed");
+    }
+    served
+}
+
+/// Writes usage to the store every `usage_flush_interval`; `/metrics` shows the lag since the
+/// last successful flush.
+async fn flush_usage(state: AppState) {
+    let mut tick = tokio::time::interval(state.config.usage_flush_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_ok = std::time::Instant::now();
+    loop {
+        tick.tick().await;
+        match state.meter.flush(state.store.as_ref()).await {
+            Ok(()) => last_ok = std::time::Instant::now(),
+            Err(e) => tracing::warn!(error = %e, "usage flush failed; will retry"),
+        }
+        metrics::gauge!("keyward_usage_flush_lag_seconds").set(last_ok.elapsed().as_secs_f64());
+    }
 }

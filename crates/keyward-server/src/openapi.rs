@@ -7,7 +7,7 @@ use serde_json::Value;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{agents, audit, keys, me, ops, orgs, verify};
+use crate::{agents, audit, keys, me, ops, orgs, usage_api, verify};
 use keyward_proto as proto;
 
 struct Security;
@@ -51,7 +51,7 @@ impl Modify for Security {
         keys::mint_agent_key, keys::list_agent_keys, keys::deprecate, keys::undeprecate,
         keys::revoke_agent_key, keys::create_root_key, keys::list_org_keys, keys::get_key,
         keys::patch_key, keys::derive, keys::rotate, keys::revoke_key,
-        me::me, verify::verify, audit::list,
+        me::me, verify::verify, audit::list, usage_api::usage,
     ),
     components(schemas(
         proto::ErrorBody, proto::ErrorDetail, proto::ErrorCode, proto::Org, proto::UpdateOrgRequest,
@@ -61,7 +61,8 @@ impl Modify for Security {
         proto::RotateKeyRequest, proto::AgentList, proto::KeyList, proto::MeResponse,
         proto::VerifyRequest, proto::VerifyRequestFacts, proto::VerifySignature,
         proto::VerifyResponse, proto::RateLimitState, proto::QuotaState, proto::VerifyAgent,
-        proto::AuditEvent, proto::AuditList, proto::Health,
+        proto::AuditEvent, proto::AuditList, proto::Health, proto::UsageResponse,
+        proto::UsageTotals, proto::UsageBucket,
     )),
     modifiers(&Security),
     tags(

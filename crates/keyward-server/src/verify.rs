@@ -19,6 +19,7 @@ use crate::cache::Prepared;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::ApiJson;
 use crate::keys::parse_scopes;
+use crate::usage::{QuotaUse, Use};
 use crate::AppState;
 
 fn invalid() -> proto::VerifyResponse {
@@ -69,21 +70,22 @@ fn signature(
     .map_err(|e| e.code)
 }
 
-/// Runs the whole pipeline for the verified key; the code it ends with and the rate state.
-fn decide(
+/// Runs the whole pipeline for the verified key; the code it ends with, the rate state and the
+/// quota state.
+async fn decide(
     state: &AppState,
     p: &Prepared,
     body: &proto::VerifyRequest,
     facts: &RequestFacts,
     required: &[Scope],
     now: Timestamp,
-) -> (Result<(), ErrorCode>, Option<RateHeaders>) {
+) -> (Result<(), ErrorCode>, Option<RateHeaders>, Option<QuotaUse>) {
     let key = &p.key;
     if let Err(d) = check_key(key, p.agent_status, facts.client_ip, now, false) {
-        return (Err(crate::auth::denial_error(d).code), None);
+        return (Err(crate::auth::denial_error(d).code), None, None);
     }
     if let Err(code) = signature(state, p, body, now) {
-        return (Err(code), None);
+        return (Err(code), None, None);
     }
     let mut scopes = key.scopes.clone();
     if let Some(c) = &body.constraints {
@@ -93,28 +95,32 @@ fn decide(
                     scopes = s;
                 }
                 if c.rule.as_ref().is_some_and(|r| rules::matches(r, facts)) {
-                    return (Err(ErrorCode::PolicyDenied), None);
+                    return (Err(ErrorCode::PolicyDenied), None, None);
                 }
             }
             Err(rules::ConstraintError::NotNarrowing) => {
-                return (Err(ErrorCode::ConstraintNotNarrowing), None)
+                return (Err(ErrorCode::ConstraintNotNarrowing), None, None)
             }
             Err(rules::ConstraintError::Invalid(_)) => {
-                return (Err(ErrorCode::ValidationError), None)
+                return (Err(ErrorCode::ValidationError), None, None)
             }
         }
     }
     if rules::first_denial(&p.rules, facts).is_some() {
-        return (Err(ErrorCode::PolicyDenied), None);
+        return (Err(ErrorCode::PolicyDenied), None, None);
     }
     let (rate, limited) = rate_limit(state, p, now);
     if limited.is_err() {
-        return (Err(ErrorCode::RateLimited), rate);
+        return (Err(ErrorCode::RateLimited), rate, None);
     }
+    let quota = match state.meter.take_quota(state.store.as_ref(), key, now).await {
+        Ok(q) => q,
+        Err(e) => return (Err(e.code), rate, None),
+    };
     if check_scopes(&scopes, required).is_err() {
-        return (Err(ErrorCode::InsufficientScope), rate);
+        return (Err(ErrorCode::InsufficientScope), rate, quota);
     }
-    (Ok(()), rate)
+    (Ok(()), rate, quota)
 }
 
 #[utoipa::path(post, path = "/v1/keys/verify", tag = "verify",
@@ -179,7 +185,14 @@ pub async fn verify(
         resource_kind: given.resource_kind.clone(),
     };
     let now = state.now();
-    let (decision, rate) = decide(&state, &p, &body, &facts, &required, now);
+    let (decision, rate, quota) = decide(&state, &p, &body, &facts, &required, now).await;
+    // A verification counts against the verified key exactly like a direct call.
+    let outcome = match decision {
+        Ok(()) => Use::Allowed,
+        Err(ErrorCode::RateLimited | ErrorCode::QuotaExceeded) => Use::RateLimited,
+        Err(_) => Use::Denied,
+    };
+    state.meter.record(key, outcome, now);
     let code = match decision {
         Ok(()) => "VALID".to_string(),
         Err(c) => c.as_str().to_string(),
@@ -204,7 +217,12 @@ pub async fn verify(
             remaining: r.remaining,
             reset: r.reset,
         }),
-        quota: None,
+        quota: quota.map(|q| proto::QuotaState {
+            limit: q.limit,
+            used: q.used,
+            remaining: q.limit.saturating_sub(q.used),
+            resets_at: q.resets_at,
+        }),
         agent: agent.map(|a| proto::VerifyAgent {
             id: a.id,
             name: a.name,

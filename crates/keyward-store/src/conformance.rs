@@ -31,7 +31,9 @@ use serde_json::{json, Value};
 use tokio::sync::Barrier;
 use uuid::Uuid;
 
-use crate::{Store, StoreError, StoreResult, IDEMPOTENCY_TTL_MS};
+use crate::{
+    Store, StoreError, StoreResult, ThresholdAlert, UsageBucket, UsageDelta, IDEMPOTENCY_TTL_MS,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Builders
@@ -2513,4 +2515,138 @@ pub async fn run_all(store: Arc<dyn Store>) {
     state_changes_write_their_audit_events(s).await;
     list_audit_filters_and_pages(s).await;
     failed_state_changes_write_no_audit_event(s).await;
+    usage_counts_add_up_and_read_back_by_hour(s).await;
+    last_used_at_only_moves_forward(s).await;
+    a_quota_threshold_is_announced_once_per_period(s).await;
+}
+
+/// The start of the UTC hour of `t`.
+fn hour_of(t: Timestamp) -> Timestamp {
+    keyward_core::quota::period_start(QuotaPeriod::Hour, t)
+}
+
+/// Usage counts from several flushes add up per (key, hour) and read back by range.
+pub async fn usage_counts_add_up_and_read_back_by_hour(store: &dyn Store) {
+    let (o, _) = new_org(store, "usage").await;
+    let (_, k) = new_agent(store, o.id, "usage-agent").await;
+    let h0 = hour_of(now());
+    let h1 = h0 + Duration::hours(1);
+    let d = |hour, allowed, denied, rate_limited| UsageDelta {
+        key_id: k.id,
+        org_id: o.id,
+        hour,
+        allowed,
+        denied,
+        rate_limited,
+    };
+    store
+        .record_usage(&[d(h0, 3, 1, 0), d(h1, 5, 0, 2)], &[], &[])
+        .await
+        .unwrap();
+    store
+        .record_usage(&[d(h0, 4, 0, 1)], &[], &[])
+        .await
+        .unwrap();
+    let all_hours = store
+        .usage_hours(k.id, h0, h1 + Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        all_hours,
+        vec![
+            UsageBucket {
+                start: h0,
+                allowed: 7,
+                denied: 1,
+                rate_limited: 1
+            },
+            UsageBucket {
+                start: h1,
+                allowed: 5,
+                denied: 0,
+                rate_limited: 2
+            },
+        ],
+        "deltas of one hour must add up, hours read back oldest first"
+    );
+    assert_eq!(
+        store
+            .usage_hours(k.id, h1, h1 + Duration::hours(1))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(store.allowed_between(k.id, h0, h1).await.unwrap(), 7);
+    assert_eq!(
+        store
+            .allowed_between(k.id, h0, h1 + Duration::hours(1))
+            .await
+            .unwrap(),
+        12
+    );
+    assert_eq!(
+        store.allowed_between(Uuid::now_v7(), h0, h1).await.unwrap(),
+        0
+    );
+}
+
+/// `last_used_at` is moved forward by a flush, never back by a late one.
+pub async fn last_used_at_only_moves_forward(store: &dyn Store) {
+    let (o, _) = new_org(store, "last-used").await;
+    let (_, k) = new_agent(store, o.id, "lu-agent").await;
+    let t1 = now();
+    let t0 = t1 - Duration::minutes(5);
+    store.record_usage(&[], &[(k.id, t1)], &[]).await.unwrap();
+    store.record_usage(&[], &[(k.id, t0)], &[]).await.unwrap();
+    let got = store.get_key(k.id).await.unwrap().unwrap();
+    assert_eq!(
+        got.last_used_at,
+        Some(t1),
+        "a late, older flush must not move last_used_at back"
+    );
+}
+
+/// A threshold's event is written the first time only, per key and period.
+pub async fn a_quota_threshold_is_announced_once_per_period(store: &dyn Store) {
+    let (o, _) = new_org(store, "alerts").await;
+    let (_, k) = new_agent(store, o.id, "alert-agent").await;
+    let period = hour_of(now());
+    let alert = |period_start, threshold| ThresholdAlert {
+        key_id: k.id,
+        period_start,
+        threshold,
+        event: AuditEvent {
+            target_id: Some(k.id),
+            ..event(o.id, "key.usage_threshold")
+        },
+    };
+    store
+        .record_usage(&[], &[], &[alert(period, 80)])
+        .await
+        .unwrap();
+    store
+        .record_usage(&[], &[], &[alert(period, 80), alert(period, 100)])
+        .await
+        .unwrap();
+    store
+        .record_usage(&[], &[], &[alert(period + Duration::hours(1), 80)])
+        .await
+        .unwrap();
+    let events = store
+        .list_audit(
+            o.id,
+            &AuditFilter {
+                action: Some("key.usage_threshold".into()),
+                ..Default::default()
+            },
+            all(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        events.len(),
+        3,
+        "80 once, 100 once in the first period, 80 again in the next"
+    );
 }

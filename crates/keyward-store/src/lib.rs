@@ -63,6 +63,36 @@ pub struct Revoked {
     pub cascaded: Vec<Uuid>,
 }
 
+/// Counts to add to one key's hour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageDelta {
+    pub key_id: Uuid,
+    pub org_id: Uuid,
+    /// The start of the UTC hour the uses fell in.
+    pub hour: Timestamp,
+    pub allowed: u64,
+    pub denied: u64,
+    pub rate_limited: u64,
+}
+
+/// One hour's (or, summed, one day's) counts of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageBucket {
+    pub start: Timestamp,
+    pub allowed: u64,
+    pub denied: u64,
+    pub rate_limited: u64,
+}
+
+/// A quota threshold crossed: its event is written only the first time for the period.
+#[derive(Debug, Clone)]
+pub struct ThresholdAlert {
+    pub key_id: Uuid,
+    pub period_start: Timestamp,
+    pub threshold: u8,
+    pub event: AuditEvent,
+}
+
 /// Keyward's persistence, in domain words.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -159,6 +189,29 @@ pub trait Store: Send + Sync + 'static {
         org_id: Uuid,
         key: &str,
     ) -> StoreResult<Option<IdempotencyRecord>>;
+
+    /// Adds usage counts, moves `last_used_at` forward (never back) and writes the events of
+    /// quota thresholds not announced before for their period, all in one transaction.
+    async fn record_usage(
+        &self,
+        deltas: &[UsageDelta],
+        last_used: &[(Uuid, Timestamp)],
+        alerts: &[ThresholdAlert],
+    ) -> StoreResult<()>;
+    /// A key's hourly buckets with `since <= start < until`, oldest first.
+    async fn usage_hours(
+        &self,
+        key_id: Uuid,
+        since: Timestamp,
+        until: Timestamp,
+    ) -> StoreResult<Vec<UsageBucket>>;
+    /// Allowed uses of a key with `since <= hour < until` (a quota period's count so far).
+    async fn allowed_between(
+        &self,
+        key_id: Uuid,
+        since: Timestamp,
+        until: Timestamp,
+    ) -> StoreResult<u64>;
 }
 
 /// How long an idempotency record is honoured: 24 hours.

@@ -72,6 +72,9 @@ checks!(
     state_changes_write_their_audit_events,
     list_audit_filters_and_pages,
     failed_state_changes_write_no_audit_event,
+    usage_counts_add_up_and_read_back_by_hour,
+    last_used_at_only_moves_forward,
+    a_quota_threshold_is_announced_once_per_period,
 );
 
 concurrent_checks!(

@@ -288,6 +288,7 @@ async fn serve(config: Config) -> Result<(), Failure> {
         master_key,
         clock: Arc::new(SystemClock),
         cache: Default::default(),
+        usage_flush_interval: std::time::Duration::from_secs(1),
     };
     keyward_server::serve(server_config, store, listener, shutdown).await?;
     tracing::info!("keyward stopped");

@@ -116,6 +116,7 @@ impl TestServer {
             master_key: MasterKey::from_bytes([42u8; 32]),
             clock: clock.clone() as Arc<dyn Clock>,
             cache: Default::default(),
+            usage_flush_interval: std::time::Duration::from_millis(200),
         };
         let s = store.clone();
         tokio::spawn(async move {

@@ -32,10 +32,15 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 use uuid::Uuid;
 
-use crate::{KeyWithAgent, Revoked, Store, StoreError, StoreResult};
+use crate::{
+    KeyWithAgent, Revoked, Store, StoreError, StoreResult, ThresholdAlert, UsageBucket, UsageDelta,
+};
 
 /// The migrations, embedded in the binary so a fresh data dir needs nothing else.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "init", include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("migrations/0001_init.sql")),
+    (2, "usage", include_str!("migrations/0002_usage.sql")),
+];
 
 fn migrator() -> Migrator {
     let migrations: Vec<Migration> = MIGRATIONS
@@ -948,5 +953,109 @@ impl Store for SqliteStore {
             agent_id: opt_uuid(get(&row, "agent_id")?)?,
             created_at: from_ms(get(&row, "created_at")?)?,
         }))
+    }
+
+    async fn record_usage(
+        &self,
+        deltas: &[UsageDelta],
+        last_used: &[(Uuid, Timestamp)],
+        alerts: &[ThresholdAlert],
+    ) -> StoreResult<()> {
+        if deltas.is_empty() && last_used.is_empty() && alerts.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        for d in deltas {
+            sqlx::query(
+                "INSERT INTO usage_hourly (key_id, org_id, hour_start, allowed, denied, rate_limited) \
+                 VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key_id, hour_start) DO UPDATE SET \
+                 allowed = allowed + excluded.allowed, denied = denied + excluded.denied, \
+                 rate_limited = rate_limited + excluded.rate_limited",
+            )
+            .bind(d.key_id.to_string())
+            .bind(d.org_id.to_string())
+            .bind(ms(d.hour))
+            .bind(d.allowed as i64)
+            .bind(d.denied as i64)
+            .bind(d.rate_limited as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for (key_id, at) in last_used {
+            sqlx::query(
+                "UPDATE keys SET last_used_at = ? WHERE id = ? \
+                 AND (last_used_at IS NULL OR last_used_at < ?)",
+            )
+            .bind(ms(*at))
+            .bind(key_id.to_string())
+            .bind(ms(*at))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for a in alerts {
+            let res = sqlx::query(
+                "INSERT INTO quota_alerts (key_id, period_start, threshold) VALUES (?, ?, ?) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(a.key_id.to_string())
+            .bind(ms(a.period_start))
+            .bind(a.threshold as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            if res.rows_affected() == 1 {
+                insert_audit_tx(&mut tx, &a.event).await?;
+            }
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn usage_hours(
+        &self,
+        key_id: Uuid,
+        since: Timestamp,
+        until: Timestamp,
+    ) -> StoreResult<Vec<UsageBucket>> {
+        let rows = sqlx::query(
+            "SELECT hour_start, allowed, denied, rate_limited FROM usage_hourly \
+             WHERE key_id = ? AND hour_start >= ? AND hour_start < ? ORDER BY hour_start",
+        )
+        .bind(key_id.to_string())
+        .bind(ms(since))
+        .bind(ms(until))
+        .fetch_all(&self.reader)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageBucket {
+                    start: from_ms(get(r, "hour_start")?)?,
+                    allowed: get::<i64>(r, "allowed")?.max(0) as u64,
+                    denied: get::<i64>(r, "denied")?.max(0) as u64,
+                    rate_limited: get::<i64>(r, "rate_limited")?.max(0) as u64,
+                })
+            })
+            .collect()
+    }
+
+    async fn allowed_between(
+        &self,
+        key_id: Uuid,
+        since: Timestamp,
+        until: Timestamp,
+    ) -> StoreResult<u64> {
+        let row = sqlx::query(
+            "SELECT COALESCE(SUM(allowed), 0) AS n FROM usage_hourly \
+             WHERE key_id = ? AND hour_start >= ? AND hour_start < ?",
+        )
+        .bind(key_id.to_string())
+        .bind(ms(since))
+        .bind(ms(until))
+        .fetch_one(&self.reader)
+        .await
+        .map_err(map_err)?;
+        Ok(get::<i64>(&row, "n")?.max(0) as u64)
     }
 }

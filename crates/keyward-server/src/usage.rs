@@ -1,0 +1,309 @@
+//! Usage metering (API.md §6.3): per-key counts by UTC hour, `last_used_at`, quotas and their
+//! alert thresholds.
+//!
+//! Counts and last-used times are kept in memory and flushed to the store on an interval (one
+//! second by default), so the hot path never writes to the database; a crash loses at most one
+//! interval of counts, never a state change. The usage endpoint adds the counts not yet flushed,
+//! so this node's answers are current.
+//!
+//! Quotas are counted exactly on this node: the first use of a key in a period loads the count
+//! the store already has, and from then on every use takes one unit under a lock, so N concurrent
+//! calls against a quota of Q succeed exactly min(N, Q) times.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use keyward_core::model::{AuditEvent, Key, Outcome, QuotaPeriod, Timestamp, TraceContext};
+use keyward_core::quota::{period_end, period_start};
+use keyward_proto::ErrorCode;
+use keyward_store::{Store, StoreResult, ThresholdAlert, UsageBucket, UsageDelta};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+/// How a use of a key ended, for its counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    Allowed,
+    Denied,
+    RateLimited,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    allowed: u64,
+    denied: u64,
+    rate_limited: u64,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// (key, hour start in ms) -> (org, counts)
+    counts: HashMap<(Uuid, i64), (Uuid, Counts)>,
+    last_used: HashMap<Uuid, Timestamp>,
+    alerts: Vec<ThresholdAlert>,
+}
+
+#[derive(Debug)]
+struct QuotaCounter {
+    period_start: Timestamp,
+    used: u64,
+    fired: BTreeSet<u8>,
+}
+
+/// The answer of a quota check.
+#[derive(Debug, Clone, Copy)]
+pub struct QuotaUse {
+    pub limit: u64,
+    pub used: u64,
+    pub resets_at: Timestamp,
+}
+
+/// The in-memory meter of this node.
+#[derive(Debug, Default)]
+pub struct Meter {
+    pending: Mutex<Pending>,
+    quotas: Mutex<HashMap<Uuid, QuotaCounter>>,
+}
+
+fn hour(t: Timestamp) -> Timestamp {
+    period_start(QuotaPeriod::Hour, t)
+}
+
+impl Meter {
+    /// Counts one use of `key` at `now`.
+    pub fn record(&self, key: &Key, outcome: Use, now: Timestamp) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = p
+            .counts
+            .entry((key.id, hour(now).timestamp_millis()))
+            .or_insert((key.org_id, Counts::default()));
+        match outcome {
+            Use::Allowed => entry.1.allowed += 1,
+            Use::Denied => entry.1.denied += 1,
+            Use::RateLimited => entry.1.rate_limited += 1,
+        }
+        if outcome == Use::Allowed {
+            let last = p.last_used.entry(key.id).or_insert(now);
+            if *last < now {
+                *last = now;
+            }
+        }
+    }
+
+    /// Takes one unit of the key's quota, or refuses with `429 QUOTA_EXCEEDED`. Keys without a
+    /// quota answer `Ok(None)`.
+    pub async fn take_quota(
+        &self,
+        store: &dyn Store,
+        key: &Key,
+        now: Timestamp,
+    ) -> Result<Option<QuotaUse>, ApiError> {
+        let Some(q) = key.quota else { return Ok(None) };
+        let start = period_start(q.period, now);
+        let end = period_end(q.period, now);
+        let known = {
+            let g = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
+            g.get(&key.id).is_some_and(|c| c.period_start == start)
+        };
+        if !known {
+            // First use of the period on this node: start from what the store has. Read outside
+            // the lock; if another request loaded it meanwhile, its counter wins below.
+            let stored = store.allowed_between(key.id, start, end).await?;
+            let pending = self.pending_allowed(key.id, start, end);
+            let mut g = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
+            let fresh = QuotaCounter {
+                period_start: start,
+                used: stored + pending,
+                fired: BTreeSet::new(),
+            };
+            match g.get(&key.id) {
+                Some(c) if c.period_start == start => {}
+                _ => {
+                    g.insert(key.id, fresh);
+                }
+            }
+        }
+        let mut alerts = Vec::new();
+        let used = {
+            let mut g = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
+            let c = g
+                .get_mut(&key.id)
+                .ok_or_else(|| ApiError::internal("quota counter vanished"))?;
+            if c.used >= q.limit {
+                let secs = (end - now).num_seconds().max(1) as u64;
+                let mut e = ApiError::new(ErrorCode::QuotaExceeded).details(json!({
+                    "limit": q.limit,
+                    "resets_at": keyward_proto::ts::format(&end),
+                }));
+                e.retry_after = Some(secs);
+                return Err(e);
+            }
+            c.used += 1;
+            for t in &key.alert_thresholds {
+                let crossed = c.used as u128 * 100 >= *t as u128 * q.limit as u128;
+                if crossed && c.fired.insert(*t) {
+                    alerts.push(alert(key, start, *t, c.used, q.limit, now));
+                }
+            }
+            c.used
+        };
+        if !alerts.is_empty() {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.alerts.extend(alerts);
+        }
+        Ok(Some(QuotaUse {
+            limit: q.limit,
+            used,
+            resets_at: end,
+        }))
+    }
+
+    /// The quota state of a key without taking from it (for the usage endpoint).
+    pub async fn quota_state(
+        &self,
+        store: &dyn Store,
+        key: &Key,
+        now: Timestamp,
+    ) -> StoreResult<Option<QuotaUse>> {
+        let Some(q) = key.quota else { return Ok(None) };
+        let start = period_start(q.period, now);
+        let end = period_end(q.period, now);
+        let in_memory = {
+            let g = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
+            g.get(&key.id)
+                .filter(|c| c.period_start == start)
+                .map(|c| c.used)
+        };
+        let used = match in_memory {
+            Some(u) => u,
+            None => {
+                store.allowed_between(key.id, start, end).await?
+                    + self.pending_allowed(key.id, start, end)
+            }
+        };
+        Ok(Some(QuotaUse {
+            limit: q.limit,
+            used: used.min(q.limit),
+            resets_at: end,
+        }))
+    }
+
+    fn pending_allowed(&self, key_id: Uuid, start: Timestamp, end: Timestamp) -> u64 {
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let (s, e) = (start.timestamp_millis(), end.timestamp_millis());
+        p.counts
+            .iter()
+            .filter(|((k, h), _)| *k == key_id && *h >= s && *h < e)
+            .map(|(_, (_, c))| c.allowed)
+            .sum()
+    }
+
+    /// The counts of a key not yet flushed, by hour.
+    pub fn pending_hours(&self, key_id: Uuid) -> Vec<UsageBucket> {
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.counts
+            .iter()
+            .filter(|((k, _), _)| *k == key_id)
+            .filter_map(|((_, h), (_, c))| {
+                Some(UsageBucket {
+                    start: chrono::DateTime::from_timestamp_millis(*h)?,
+                    allowed: c.allowed,
+                    denied: c.denied,
+                    rate_limited: c.rate_limited,
+                })
+            })
+            .collect()
+    }
+
+    /// Writes everything pending to the store. On failure the counts are put back to be retried
+    /// with the next flush, so a store outage delays counts rather than losing them.
+    pub async fn flush(&self, store: &dyn Store) -> StoreResult<()> {
+        let taken = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::take(&mut *p)
+        };
+        if taken.counts.is_empty() && taken.last_used.is_empty() && taken.alerts.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let deltas: Vec<UsageDelta> = taken
+            .counts
+            .iter()
+            .filter_map(|((key_id, h), (org_id, c))| {
+                Some(UsageDelta {
+                    key_id: *key_id,
+                    org_id: *org_id,
+                    hour: chrono::DateTime::from_timestamp_millis(*h)?,
+                    allowed: c.allowed,
+                    denied: c.denied,
+                    rate_limited: c.rate_limited,
+                })
+            })
+            .collect();
+        let last_used: Vec<(Uuid, Timestamp)> =
+            taken.last_used.iter().map(|(k, t)| (*k, *t)).collect();
+        match store.record_usage(&deltas, &last_used, &taken.alerts).await {
+            Ok(()) => {
+                metrics::histogram!("keyward_usage_flush_duration_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                Ok(())
+            }
+            Err(e) => {
+                let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                for (k, (org, c)) in taken.counts {
+                    let entry = p.counts.entry(k).or_insert((org, Counts::default()));
+                    entry.1.allowed += c.allowed;
+                    entry.1.denied += c.denied;
+                    entry.1.rate_limited += c.rate_limited;
+                }
+                for (k, t) in taken.last_used {
+                    let last = p.last_used.entry(k).or_insert(t);
+                    if *last < t {
+                        *last = t;
+                    }
+                }
+                p.alerts.extend(taken.alerts);
+                Err(e)
+            }
+        }
+    }
+}
+
+fn alert(
+    key: &Key,
+    period_start: Timestamp,
+    threshold: u8,
+    used: u64,
+    limit: u64,
+    now: Timestamp,
+) -> ThresholdAlert {
+    ThresholdAlert {
+        key_id: key.id,
+        period_start,
+        threshold,
+        event: AuditEvent {
+            id: Uuid::now_v7(),
+            org_id: key.org_id,
+            occurred_at: now,
+            action: "key.usage_threshold".to_string(),
+            outcome: Outcome::Success,
+            error_code: None,
+            actor_key_id: Some(key.id),
+            actor_agent_id: key.agent_id,
+            target_type: Some("key".to_string()),
+            target_id: Some(key.id),
+            client_ip: None,
+            request_id: None,
+            trace: TraceContext::default(),
+            details: json!({
+                "threshold": threshold,
+                "used": used,
+                "limit": limit,
+                "period_start": keyward_proto::ts::format(&period_start),
+            }),
+        },
+    }
+}
