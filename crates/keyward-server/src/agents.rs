@@ -75,6 +75,8 @@ pub async fn create(
     // the new agent then records its parent and stays within the parent's scopes.
     let mut parent: Option<Agent> = None;
     if is_agent_credential(caller.key()) {
+        // Another org's agent is simply not a member here, whatever its policy says.
+        caller.require_org(org_id)?;
         let agent_id = caller
             .key()
             .agent_id

@@ -337,15 +337,20 @@ fn deprecation_headers(resp: &mut Response) {
 
 /// Middleware on every `/v1` route: authenticates and attaches the `Caller`. Every response to
 /// a deprecated key, success or error, carries the deprecation headers, and every response to a
-/// rate-limited key carries the `X-RateLimit-*` headers.
+/// rate-limited key carries the `X-RateLimit-*` headers. Denials of a known key (here or by the
+/// handler's scope and org checks) are audited as `auth.denied`, off the hot path.
 pub async fn middleware(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
     next: Next,
 ) -> Response {
+    let ip = client_ip(peer.ip(), req.headers(), &state.config.trusted_proxies);
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let trace = trace_context(req.headers()).unwrap_or_default();
     let mut meta = Meta::default();
-    let mut resp = match authenticate(&state, peer, req, &mut meta).await {
+    let mut resp = match authenticate(&state, ip, req, &mut meta).await {
         Ok(req) => next.run(req).await,
         Err(e) => e.into_response(),
     };
@@ -355,7 +360,54 @@ pub async fn middleware(
     if let Some(r) = meta.rate {
         r.apply(&mut resp);
     }
+    if let Some(code) = resp.extensions().get::<ErrorCode>().copied() {
+        let auth_failure = code.status() == 401;
+        let denial = auth_failure
+            || matches!(
+                code,
+                ErrorCode::InsufficientScope
+                    | ErrorCode::NotAMember
+                    | ErrorCode::IpNotAllowed
+                    | ErrorCode::AgentPaused
+                    | ErrorCode::PolicyDenied
+                    | ErrorCode::ConstraintNotNarrowing
+                    | ErrorCode::RateLimited
+                    | ErrorCode::QuotaExceeded
+                    | ErrorCode::AgentCannotMintSubagents
+            );
+        if denial {
+            let now = state.now();
+            match &meta.prepared {
+                Some(p) => state.decisions.record(crate::decisions::Decision {
+                    key: &p.key,
+                    action: "auth.denied",
+                    code: code.as_str(),
+                    client_ip: Some(ip),
+                    request_id: Some(crate::request_id::current()),
+                    trace,
+                    method: Some(method),
+                    path: Some(path),
+                    at: now,
+                }),
+                None => {
+                    metrics::counter!("keyward_auth_failures_total", "code" => code.as_str())
+                        .increment(1);
+                }
+            }
+            if auth_failure && !meta.throttled {
+                if let Some(g) = failed_auth_gcra(&state) {
+                    let now_ns = now.timestamp_nanos_opt().unwrap_or(i64::MAX);
+                    state.auth_throttle.check(ip, &g, now_ns);
+                }
+            }
+        }
+    }
     resp
+}
+
+fn failed_auth_gcra(state: &AppState) -> Option<keyward_core::gcra::Gcra> {
+    let spec = state.config.failed_auth_limit?;
+    keyward_core::gcra::Gcra::new(spec.limit, spec.period_s, spec.burst)
 }
 
 /// What the middleware learns while authenticating that every response reports.
@@ -363,6 +415,10 @@ pub async fn middleware(
 struct Meta {
     deprecated: bool,
     rate: Option<RateHeaders>,
+    /// The key, once found (for auditing denials).
+    prepared: Option<Arc<Prepared>>,
+    /// Refused by the failed-auth throttle (which then must not count its own refusal).
+    throttled: bool,
 }
 
 /// Whether org and agent rules are waived for this request: a root key changing its own org
@@ -380,14 +436,27 @@ fn rules_waived(key: &Key, method: &axum::http::Method, path: &str) -> bool {
 /// contract order: key state, agent state, signature, constraints and rules, rate limit.
 async fn authenticate(
     state: &AppState,
-    peer: SocketAddr,
+    ip: IpAddr,
     req: Request,
     meta: &mut Meta,
 ) -> Result<Request, ApiError> {
+    let now = state.now();
+    // An address that keeps failing to authenticate is refused before its token is even
+    // parsed, so guessing keys is slow and costs the server nothing.
+    if let Some(g) = failed_auth_gcra(state) {
+        let now_ns = now.timestamp_nanos_opt().unwrap_or(i64::MAX);
+        if let Some(wait_ns) = state.auth_throttle.blocked_for(ip, &g, now_ns) {
+            meta.throttled = true;
+            let mut e = ApiError::new(ErrorCode::RateLimited)
+                .msg("Too many failed authentications from this address");
+            e.retry_after = Some(((wait_ns + 999_999_999) / 1_000_000_000).max(1) as u64);
+            return Err(e);
+        }
+    }
     let token = credential(req.headers())?;
     let prepared = lookup(state, token.expose()).await?;
-    let now = state.now();
-    let result = authorize(state, &prepared, peer, req, meta, now).await;
+    meta.prepared = Some(prepared.clone());
+    let result = authorize(state, &prepared, ip, req, meta, now).await;
     let outcome = match &result {
         Ok(_) => Use::Allowed,
         Err(e) if matches!(e.code, ErrorCode::RateLimited | ErrorCode::QuotaExceeded) => {
@@ -404,13 +473,12 @@ async fn authenticate(
 async fn authorize(
     state: &AppState,
     prepared: &Arc<Prepared>,
-    peer: SocketAddr,
+    ip: IpAddr,
     mut req: Request,
     meta: &mut Meta,
     now: keyward_core::model::Timestamp,
 ) -> Result<Request, ApiError> {
     let key = &prepared.key;
-    let ip = client_ip(peer.ip(), req.headers(), &state.config.trusted_proxies);
     let is_me = req.uri().path() == "/v1/me";
     meta.deprecated = key.deprecated_at.is_some();
     check_key(key, prepared.agent_status, Some(ip), now, is_me).map_err(denial_error)?;

@@ -96,6 +96,8 @@ impl IntoResponse for ApiError {
             },
         };
         let mut resp = (status, axum::Json(body)).into_response();
+        // The code travels with the response so middleware can audit denials made by handlers.
+        resp.extensions_mut().insert(self.code);
         if let Some(secs) = self.retry_after {
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 resp.headers_mut().insert("retry-after", v);

@@ -287,14 +287,16 @@ pub async fn mint_agent_key(
     caller.require_in(org_id, &["keys:write"])?;
     let org = load_org(&state, org_id).await?;
     let agent = load_agent(&state, org_id, agent_id).await?;
-    if agent.status == model::AgentStatus::Revoked {
-        return Err(ApiError::new(ErrorCode::AgentRevoked));
-    }
+    // A replay is answered (or refused with IDEMPOTENCY_KEY_AGENT_*) before the agent's state is
+    // judged, so the caller learns what happened to its original request.
     let path = format!("POST /v1/orgs/{org_id}/agents/{agent_id}/keys");
     let claim = match idempotency::check(&state, org_id, &headers, &path, &to_value(&body)).await? {
         Decision::Replay(r) => return Ok(r),
         Decision::Proceed(c) => c,
     };
+    if agent.status == model::AgentStatus::Revoked {
+        return Err(ApiError::new(ErrorCode::AgentRevoked));
+    }
     let now = state.now();
     let minted = mint(&state, &org, &body, TokenKind::Agent, Some(&agent), now)?;
     let audit = caller.event(
@@ -788,6 +790,12 @@ pub async fn rotate(
     }
     let org = load_org(&state, caller.org_id()).await?;
     let mut old = load_key(&state, caller.org_id(), key_id).await?;
+    // A replay answers with the original result before the key's or agent's state is judged.
+    let path = format!("POST /v1/keys/{key_id}/rotate");
+    let claim = match idempotency::check(&state, org.id, &headers, &path, &to_value(&body)).await? {
+        Decision::Replay(r) => return Ok(r),
+        Decision::Proceed(c) => c,
+    };
     if old.kind == TokenKind::Derived {
         return Err(ApiError::new(ErrorCode::DerivedKeyNotRotatable));
     }
@@ -804,11 +812,6 @@ pub async fn rotate(
     {
         return Err(ApiError::new(ErrorCode::AgentRevoked));
     }
-    let path = format!("POST /v1/keys/{key_id}/rotate");
-    let claim = match idempotency::check(&state, org.id, &headers, &path, &to_value(&body)).await? {
-        Decision::Replay(r) => return Ok(r),
-        Decision::Proceed(c) => c,
-    };
     let now = state.now();
     let api_key = token::generate(old.environment, old.kind).map_err(ApiError::internal)?;
     let signing_secret = if old.requires_signature {

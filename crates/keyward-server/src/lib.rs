@@ -20,6 +20,7 @@ pub mod auth;
 pub mod bootstrap;
 pub mod cache;
 pub mod crypto;
+pub mod decisions;
 pub mod error;
 pub mod extract;
 pub mod idempotency;
@@ -56,7 +57,19 @@ pub struct ServerConfig {
     /// How often usage counts and last-used times are written to the store (API.md §6.3 asks
     /// that they be visible within 2 seconds).
     pub usage_flush_interval: std::time::Duration,
+    /// Failed authentications allowed per client IP (`limit` per `period_s`, `burst` at once)
+    /// before that address is refused for a while; `None` turns the throttle off.
+    pub failed_auth_limit: Option<keyward_core::model::RateLimitSpec>,
 }
+
+/// The default failed-auth throttle: 100 failures at once, then 10 per second. Generous for a
+/// misconfigured client, slow enough that guessing keys from one address is pointless.
+pub const DEFAULT_FAILED_AUTH_LIMIT: keyward_core::model::RateLimitSpec =
+    keyward_core::model::RateLimitSpec {
+        limit: 600,
+        period_s: 60,
+        burst: 100,
+    };
 
 /// Shared state of every handler.
 #[derive(Clone)]
@@ -72,6 +85,10 @@ pub struct AppState {
     pub limiter: Arc<limiter::Limiter>,
     /// Usage counts, last-used times and quota counters not yet flushed.
     pub meter: Arc<usage::Meter>,
+    /// Aggregated access decisions (`auth.denied`, `key.verify`) not yet written.
+    pub decisions: Arc<decisions::DecisionLog>,
+    /// Failed authentications per client IP.
+    pub auth_throttle: Arc<limiter::Limiter<std::net::IpAddr>>,
 }
 
 impl AppState {
@@ -193,6 +210,8 @@ pub async fn serve(
         cache,
         limiter: Arc::new(limiter::Limiter::default()),
         meter: Arc::new(usage::Meter::default()),
+        decisions: Arc::new(decisions::DecisionLog::default()),
+        auth_throttle: Arc::new(limiter::Limiter::default()),
     };
     let flusher = tokio::spawn(flush_usage(state.clone()));
     let served = axum::serve(
@@ -206,11 +225,12 @@ pub async fn serve(
     if let Err(e) = state.meter.flush(state.store.as_ref()).await {
         tracing::error!(error = %e, "final usage flush failed");
     }
+    state.decisions.flush(state.store.as_ref()).await;
     served
 }
 
-/// Writes usage to the store every `usage_flush_interval`; `/metrics` shows the lag since the
-/// last successful flush.
+/// Writes usage and aggregated decisions to the store every `usage_flush_interval`, and forgets
+/// throttle state that has refilled; `/metrics` shows the lag since the last successful flush.
 async fn flush_usage(state: AppState) {
     let mut tick = tokio::time::interval(state.config.usage_flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -221,6 +241,9 @@ async fn flush_usage(state: AppState) {
             Ok(()) => last_ok = std::time::Instant::now(),
             Err(e) => tracing::warn!(error = %e, "usage flush failed; will retry"),
         }
+        state.decisions.flush(state.store.as_ref()).await;
+        let now_ns = state.now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+        state.auth_throttle.prune(now_ns);
         metrics::gauge!("keyward_usage_flush_lag_seconds").set(last_ok.elapsed().as_secs_f64());
     }
 }

@@ -193,6 +193,20 @@ pub async fn verify(
         Err(_) => Use::Denied,
     };
     state.meter.record(key, outcome, now);
+    state.decisions.record(crate::decisions::Decision {
+        key,
+        action: "key.verify",
+        code: match decision {
+            Ok(()) => "VALID",
+            Err(c) => c.as_str(),
+        },
+        client_ip,
+        request_id: Some(caller.ctx.request_id.clone()),
+        trace: caller.ctx.trace.clone(),
+        method: given.method.clone(),
+        path: given.path.clone(),
+        at: now,
+    });
     let code = match decision {
         Ok(()) => "VALID".to_string(),
         Err(c) => c.as_str().to_string(),

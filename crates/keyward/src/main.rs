@@ -289,6 +289,7 @@ async fn serve(config: Config) -> Result<(), Failure> {
         clock: Arc::new(SystemClock),
         cache: Default::default(),
         usage_flush_interval: std::time::Duration::from_secs(1),
+        failed_auth_limit: Some(keyward_server::DEFAULT_FAILED_AUTH_LIMIT),
     };
     keyward_server::serve(server_config, store, listener, shutdown).await?;
     tracing::info!("keyward stopped");

@@ -97,6 +97,11 @@ impl TestServer {
 
     /// Starts a server trusting these proxies for `X-Forwarded-For`.
     pub async fn start_with(trusted_proxies: Vec<ipnet::IpNet>) -> TestServer {
+        TestServer::start_configured(|c| c.trusted_proxies = trusted_proxies).await
+    }
+
+    /// Starts a server after `configure` adjusted its settings.
+    pub async fn start_configured(configure: impl FnOnce(&mut ServerConfig)) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(
             SqliteStore::open(&dir.path().join("keyward.db"))
@@ -111,13 +116,15 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let config = ServerConfig {
-            trusted_proxies,
+        let mut config = ServerConfig {
+            trusted_proxies: Vec::new(),
             master_key: MasterKey::from_bytes([42u8; 32]),
             clock: clock.clone() as Arc<dyn Clock>,
             cache: Default::default(),
             usage_flush_interval: std::time::Duration::from_millis(200),
+            failed_auth_limit: Some(keyward_server::DEFAULT_FAILED_AUTH_LIMIT),
         };
+        configure(&mut config);
         let s = store.clone();
         tokio::spawn(async move {
             keyward_server::serve(config, s, listener, async {

@@ -1,0 +1,139 @@
+//! Access decisions on the hot path (API.md §7 and the traffic-controls issue): denials of a
+//! known key are audited as `auth.denied` in batches, identical ones aggregated into one event
+//! with a count; verifications are audited as `key.verify`; an address that keeps failing to
+//! authenticate is throttled before its tokens are even looked at.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod common;
+
+use chrono::Duration;
+use common::TestServer;
+use keyward_core::model::RateLimitSpec;
+use serde_json::{json, Value};
+
+async fn wait_for_events(s: &TestServer, query: &str, n: usize) -> Vec<Value> {
+    let path = s.org_path(&format!("/audit?{query}"));
+    for _ in 0..100 {
+        let r = s.get(&path, &s.root_key).await;
+        let events = r.body["events"].as_array().cloned().unwrap_or_default();
+        if events.len() >= n {
+            return events;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("fewer than {n} events for {query}");
+}
+
+#[tokio::test]
+async fn a_flood_of_identical_denials_becomes_one_event_with_a_count() {
+    let s = TestServer::start().await;
+    let (agent, key_json, key) = s
+        .create_agent("flooded", json!({"slack": ["chat:write"]}))
+        .await;
+    let kid = key_json["id"].as_str().unwrap();
+    s.post(
+        &s.org_path(&format!("/agents/{}/pause", agent["id"].as_str().unwrap())),
+        &s.root_key,
+        json!({}),
+    )
+    .await
+    .assert_status(200);
+    let org_path = s.org_path("");
+    let calls = (0..200).map(|_| s.get(&org_path, &key));
+    for r in futures_util::future::join_all(calls).await {
+        r.assert_error(403, "AGENT_PAUSED");
+    }
+    let events = wait_for_events(&s, &format!("action=auth.denied&key_id={kid}"), 1).await;
+    // Give a second flush the chance to (wrongly) write more, then count.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let events_after = wait_for_events(&s, &format!("action=auth.denied&key_id={kid}"), 1).await;
+    let total: u64 = events_after
+        .iter()
+        .map(|e| e["details"]["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 200, "every denial is counted, none dropped");
+    assert!(
+        events_after.len() <= 2,
+        "aggregated into at most one event per flush, got {}",
+        events_after.len()
+    );
+    let e = &events[0];
+    assert_eq!(e["outcome"], "denied");
+    assert_eq!(e["error_code"], "AGENT_PAUSED");
+    assert_eq!(e["details"]["path"], format!("/v1/orgs/{}", s.org_id));
+}
+
+#[tokio::test]
+async fn handler_denials_of_scope_and_org_are_audited_too() {
+    let s = TestServer::start().await;
+    let (_, key_json, key) = s
+        .create_agent("narrow", json!({"slack": ["chat:write"]}))
+        .await;
+    let kid = key_json["id"].as_str().unwrap();
+    s.get(&s.org_path("/agents"), &key)
+        .await
+        .assert_error(403, "INSUFFICIENT_SCOPE");
+    let events = wait_for_events(&s, &format!("action=auth.denied&key_id={kid}"), 1).await;
+    assert_eq!(events[0]["error_code"], "INSUFFICIENT_SCOPE");
+}
+
+#[tokio::test]
+async fn verifications_are_audited_as_key_verify_with_their_outcome() {
+    let s = TestServer::start().await;
+    let (_, key_json, key) = s
+        .create_agent("verified", json!({"slack": ["chat:write"]}))
+        .await;
+    let kid = key_json["id"].as_str().unwrap();
+    for _ in 0..3 {
+        s.post("/v1/keys/verify", &s.root_key, json!({"key": key}))
+            .await
+            .assert_status(200);
+    }
+    s.post(
+        "/v1/keys/verify",
+        &s.root_key,
+        json!({"key": key, "required_scopes": ["github:repo"]}),
+    )
+    .await
+    .assert_status(200);
+    let events = wait_for_events(&s, &format!("action=key.verify&key_id={kid}"), 2).await;
+    let ok = events.iter().find(|e| e["outcome"] == "success").unwrap();
+    assert_eq!(ok["details"]["count"], 3);
+    let denied = events.iter().find(|e| e["outcome"] == "denied").unwrap();
+    assert_eq!(denied["error_code"], "INSUFFICIENT_SCOPE");
+    assert_eq!(denied["details"]["count"], 1);
+}
+
+#[tokio::test]
+async fn an_address_that_keeps_failing_is_throttled_then_recovers() {
+    let s = TestServer::start_configured(|c| {
+        c.failed_auth_limit = Some(RateLimitSpec {
+            limit: 60,
+            period_s: 60,
+            burst: 3,
+        });
+    })
+    .await;
+    let (_, _, key) = s
+        .create_agent("innocent", json!({"slack": ["chat:write"]}))
+        .await;
+    let bogus = "kw_ak_000000000000000000000000000000000000";
+    for _ in 0..3 {
+        s.get("/v1/me", bogus)
+            .await
+            .assert_error(401, "INVALID_API_KEY");
+    }
+    // The fourth attempt from this address is refused before the token is looked at; so is a
+    // valid key from the same address, for a second.
+    let r = s.get("/v1/me", bogus).await;
+    r.assert_error(429, "RATE_LIMITED");
+    assert_eq!(r.body["error"]["retry_after"], 1);
+    s.get("/v1/me", &key)
+        .await
+        .assert_error(429, "RATE_LIMITED");
+    s.advance(Duration::seconds(1));
+    s.get("/v1/me", &key).await.assert_status(200);
+    // Successes do not count as failures: the valid key keeps working.
+    for _ in 0..10 {
+        s.get("/v1/me", &key).await.assert_status(200);
+    }
+}
