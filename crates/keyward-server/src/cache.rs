@@ -51,6 +51,7 @@ impl Default for CacheSettings {
 pub struct Prepared {
     pub key: Key,
     pub agent_status: Option<AgentStatus>,
+    pub agent_name: Option<String>,
     /// Org rules, then the agent's.
     pub rules: Vec<Rule>,
     /// The key's effective rate limit (its own, its tier's, or the org default), if any.
@@ -84,6 +85,7 @@ impl Prepared {
             rate: resolve_rate(&found.key, &found.org_policy),
             key: found.key,
             agent_status: found.agent_status,
+            agent_name: found.agent_name,
             rules,
         }
     }

@@ -92,6 +92,21 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The state of a server over `store` (no background tasks; `serve` starts those).
+    pub fn new(config: ServerConfig, store: Arc<dyn Store>) -> AppState {
+        AppState {
+            store,
+            clock: config.clock.clone(),
+            cache: Arc::new(cache::VerifyCache::new(config.cache)),
+            config: Arc::new(config),
+            replay: Arc::new(signing::ReplayCache::default()),
+            limiter: Arc::new(limiter::Limiter::default()),
+            meter: Arc::new(usage::Meter::default()),
+            decisions: Arc::new(decisions::DecisionLog::default()),
+            auth_throttle: Arc::new(limiter::Limiter::default()),
+        }
+    }
+
     /// The current time at the API's precision (milliseconds), so that what a handler holds in
     /// memory equals what the store gives back.
     pub fn now(&self) -> keyward_core::model::Timestamp {
@@ -201,18 +216,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     ops::prometheus();
-    let cache = Arc::new(cache::VerifyCache::new(config.cache));
-    let state = AppState {
-        store,
-        clock: config.clock.clone(),
-        config: Arc::new(config),
-        replay: Arc::new(signing::ReplayCache::default()),
-        cache,
-        limiter: Arc::new(limiter::Limiter::default()),
-        meter: Arc::new(usage::Meter::default()),
-        decisions: Arc::new(decisions::DecisionLog::default()),
-        auth_throttle: Arc::new(limiter::Limiter::default()),
-    };
+    let state = AppState::new(config, store);
     let flusher = tokio::spawn(flush_usage(state.clone()));
     let served = axum::serve(
         listener,

@@ -133,6 +133,19 @@ pub async fn verify(
     ApiJson(body): ApiJson<proto::VerifyRequest>,
 ) -> ApiResult<Json<proto::VerifyResponse>> {
     caller.require(&["keys:verify"])?;
+    verify_key(&state, caller.org_id(), &body, &caller.ctx)
+        .await
+        .map(Json)
+}
+
+/// The whole verification of a presented key on behalf of `org_id`, without HTTP: validation,
+/// cache lookup, every check, limiter, quota, usage and audit. Benchmarks call it directly.
+pub async fn verify_key(
+    state: &AppState,
+    org_id: uuid::Uuid,
+    body: &proto::VerifyRequest,
+    ctx: &crate::auth::RequestContext,
+) -> ApiResult<proto::VerifyResponse> {
     // Validate the whole request before looking at the key, so a malformed request is a 400
     // whatever the key is.
     let required = parse_scopes(
@@ -163,11 +176,11 @@ pub async fn verify(
         }
     }
 
-    let p = match lookup(&state, &body.key).await {
-        Ok(p) if p.key.org_id == caller.org_id() => p,
+    let p = match lookup(state, &body.key).await {
+        Ok(p) if p.key.org_id == org_id => p,
         // Unknown, malformed, or another org's key: nothing more is said.
-        Ok(_) => return Ok(Json(count(invalid()))),
-        Err(e) if e.code == ErrorCode::InvalidApiKey => return Ok(Json(count(invalid()))),
+        Ok(_) => return Ok(count(invalid())),
+        Err(e) if e.code == ErrorCode::InvalidApiKey => return Ok(count(invalid())),
         Err(e) => return Err(e),
     };
     let key = &p.key;
@@ -185,7 +198,7 @@ pub async fn verify(
         resource_kind: given.resource_kind.clone(),
     };
     let now = state.now();
-    let (decision, rate, quota) = decide(&state, &p, &body, &facts, &required, now).await;
+    let (decision, rate, quota) = decide(state, &p, body, &facts, &required, now).await;
     // A verification counts against the verified key exactly like a direct call.
     let outcome = match decision {
         Ok(()) => Use::Allowed,
@@ -201,8 +214,8 @@ pub async fn verify(
             Err(c) => c.as_str(),
         },
         client_ip,
-        request_id: Some(caller.ctx.request_id.clone()),
-        trace: caller.ctx.trace.clone(),
+        request_id: Some(ctx.request_id.clone()),
+        trace: ctx.trace.clone(),
         method: given.method.clone(),
         path: given.path.clone(),
         at: now,
@@ -211,11 +224,7 @@ pub async fn verify(
         Ok(()) => "VALID".to_string(),
         Err(c) => c.as_str().to_string(),
     };
-    let agent = match key.agent_id {
-        Some(id) => state.store.get_agent(key.org_id, id).await?,
-        None => None,
-    };
-    Ok(Json(count(proto::VerifyResponse {
+    Ok(count(proto::VerifyResponse {
         valid: code == "VALID",
         code,
         key_id: Some(key.id),
@@ -237,12 +246,15 @@ pub async fn verify(
             remaining: q.limit.saturating_sub(q.used),
             resets_at: q.resets_at,
         }),
-        agent: agent.map(|a| proto::VerifyAgent {
-            id: a.id,
-            name: a.name,
-            status: a.status.as_str().to_string(),
-        }),
-    })))
+        agent: match (key.agent_id, &p.agent_name, p.agent_status) {
+            (Some(id), Some(name), Some(status)) => Some(proto::VerifyAgent {
+                id,
+                name: name.clone(),
+                status: status.as_str().to_string(),
+            }),
+            _ => None,
+        },
+    }))
 }
 
 /// Counts a verification by its outcome code for `/metrics`.

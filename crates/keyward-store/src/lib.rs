@@ -50,6 +50,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub struct KeyWithAgent {
     pub key: Key,
     pub agent_status: Option<AgentStatus>,
+    /// The agent's name, for answers that summarise it (verify).
+    pub agent_name: Option<String>,
     /// The agent's `policy` object (its `rules` apply to every request of the agent).
     pub agent_policy: Option<JsonObject>,
     /// The org's policy (tiers, default rate limit, org-wide rules).

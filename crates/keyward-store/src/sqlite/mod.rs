@@ -659,7 +659,8 @@ impl Store for SqliteStore {
 
     async fn find_key_by_digest(&self, digest: &TokenDigest) -> StoreResult<Option<KeyWithAgent>> {
         let row = sqlx::query(&format!(
-            "SELECT {KEY_COLS}, a.status AS agent_status, a.policy AS agent_policy, \
+            "SELECT {KEY_COLS}, a.status AS agent_status, a.name AS agent_name, \
+             a.policy AS agent_policy, \
              o.policy AS org_policy FROM keys k JOIN orgs o ON o.id = k.org_id \
              LEFT JOIN agents a ON a.id = k.agent_id WHERE k.digest = ?"
         ))
@@ -681,6 +682,7 @@ impl Store for SqliteStore {
                 Ok(Some(KeyWithAgent {
                     key,
                     agent_status,
+                    agent_name: get(&row, "agent_name")?,
                     agent_policy,
                     org_policy,
                 }))
