@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Mutex;
 
-use chrono::{DateTime, Duration, DurationRound, TimeDelta, Utc};
+use chrono::{DateTime, Duration, Utc};
 
 /// A source of the current time.
 pub trait Clock: Send + Sync + fmt::Debug {
@@ -68,7 +68,8 @@ impl Clock for ManualClock {
 pub fn truncate_to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
     // Truncation towards the past only fails for dates near the end of chrono's range, where
     // keeping the value unchanged is the least surprising answer.
-    t.duration_trunc(TimeDelta::milliseconds(1)).unwrap_or(t)
+    // Integer maths: this runs on every request, and `duration_trunc` is several times slower.
+    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
 }
 
 #[cfg(test)]

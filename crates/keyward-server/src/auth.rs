@@ -31,9 +31,8 @@ use crate::AppState;
 pub struct Caller {
     /// The cached snapshot the request was authenticated with.
     pub prepared: Arc<Prepared>,
-    /// The scopes this request may use: the key's, or fewer when a constraints header narrowed
-    /// them.
-    pub scopes: Vec<Scope>,
+    /// The scopes a constraints header narrowed this request to, if it carried one.
+    pub narrowed: Option<Vec<Scope>>,
     pub ctx: RequestContext,
 }
 
@@ -51,6 +50,14 @@ impl Caller {
         &self.prepared.key
     }
 
+    /// The scopes this request may use: the key's, or fewer when a constraints header narrowed
+    /// them.
+    pub fn scopes(&self) -> &[Scope] {
+        self.narrowed
+            .as_deref()
+            .unwrap_or(&self.prepared.key.scopes)
+    }
+
     pub fn org_id(&self) -> Uuid {
         self.prepared.key.org_id
     }
@@ -61,7 +68,7 @@ impl Caller {
             .iter()
             .filter_map(|s| Scope::parse(s).ok())
             .collect();
-        check_scopes(&self.scopes, &parsed).map_err(|_| {
+        check_scopes(self.scopes(), &parsed).map_err(|_| {
             ApiError::new(ErrorCode::InsufficientScope).details(json!({ "required": required }))
         })
     }
@@ -234,10 +241,18 @@ pub fn denial_error(d: Denial) -> ApiError {
 
 /// Looks a presented token up: parse (no store access for malformed tokens), digest, then the
 /// verify cache (which reads the store on a miss).
-pub async fn lookup(state: &AppState, token: &str) -> Result<Arc<Prepared>, ApiError> {
+pub async fn lookup(
+    state: &AppState,
+    token: &str,
+    now: keyward_core::model::Timestamp,
+) -> Result<Arc<Prepared>, ApiError> {
     token::parse(token).map_err(|_| ApiError::new(ErrorCode::InvalidApiKey))?;
     let digest = TokenDigest::of(token);
-    match state.cache.lookup(state.store.as_ref(), digest).await? {
+    match state
+        .cache
+        .lookup(state.store.as_ref(), digest, now)
+        .await?
+    {
         // The lookup is by digest, so this compare is belt and braces against a cache or store
         // that returned the wrong entry; it is constant-time like every compare of secret
         // material.
@@ -288,7 +303,12 @@ pub fn rate_limit(
         remaining: d.remaining,
         reset: (now_ns.saturating_add(d.reset_after_ns) + 999_999_999) / 1_000_000_000,
     };
-    metrics::counter!("keyward_ratelimit_decisions_total", "allowed" => if d.allowed { "true" } else { "false" }).increment(1);
+    let stats = crate::stats::stats();
+    if d.allowed {
+        stats.ratelimit_allowed.increment(1);
+    } else {
+        stats.ratelimit_refused.increment(1);
+    }
     if d.allowed {
         (Some(headers), Ok(()))
     } else {
@@ -454,7 +474,7 @@ async fn authenticate(
         }
     }
     let token = credential(req.headers())?;
-    let prepared = lookup(state, token.expose()).await?;
+    let prepared = lookup(state, token.expose(), now).await?;
     meta.prepared = Some(prepared.clone());
     let result = authorize(state, &prepared, ip, req, meta, now).await;
     let outcome = match &result {
@@ -485,22 +505,29 @@ async fn authorize(
     if key.requires_signature {
         req = verify_signed_request(state, key, req, now).await?;
     }
-    let mut scopes = key.scopes.clone();
+    // Scopes are only copied when a constraints header narrows them.
+    let mut narrowed = None;
     let mut own_rule = None;
     if let Some(v) = req.headers().get("keyward-constraints") {
         let v = v.to_str().map_err(|_| {
             ApiError::validation("Keyward-Constraints", "must be base64url-encoded JSON")
         })?;
-        (scopes, own_rule) = apply_constraints(v, &key.scopes)?;
+        let (scopes, rule) = apply_constraints(v, &key.scopes)?;
+        narrowed = Some(scopes);
+        own_rule = rule;
     }
-    let facts = api_facts(key, req.method().as_str(), ip);
+    // Facts are only built when there is a rule to match them against.
     let waived = rules_waived(key, req.method(), req.uri().path());
-    let denied = own_rule
-        .as_ref()
-        .is_some_and(|r| keyward_core::rules::matches(r, &facts))
-        || (!waived && keyward_core::rules::first_denial(&prepared.rules, &facts).is_some());
-    if denied {
-        return Err(ApiError::new(ErrorCode::PolicyDenied));
+    let org_rules: &[keyward_core::model::Rule] = if waived { &[] } else { &prepared.rules };
+    if own_rule.is_some() || !org_rules.is_empty() {
+        let facts = api_facts(key, req.method().as_str(), ip);
+        let denied = own_rule
+            .as_ref()
+            .is_some_and(|r| keyward_core::rules::matches(r, &facts))
+            || keyward_core::rules::first_denial(org_rules, &facts).is_some();
+        if denied {
+            return Err(ApiError::new(ErrorCode::PolicyDenied));
+        }
     }
     let (rate, limited) = rate_limit(state, prepared, now);
     meta.rate = rate;
@@ -513,7 +540,7 @@ async fn authorize(
     // without a valid key always learns that first.
     let trace = trace_context(req.headers())?;
     let caller = Caller {
-        scopes,
+        narrowed,
         prepared: prepared.clone(),
         ctx: RequestContext {
             client_ip: Some(ip),

@@ -9,7 +9,7 @@
 //! Failures with no known key (unknown or malformed tokens) have no org to be recorded in; they
 //! are counted in `keyward_auth_failures_total` by code.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 

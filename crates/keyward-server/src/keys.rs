@@ -686,7 +686,7 @@ pub async fn derive(
             "a derived key cannot hold `keys:derive` (derived keys never derive further)",
         ));
     }
-    if !scope::is_subset(&scopes, &caller.scopes) {
+    if !scope::is_subset(&scopes, caller.scopes()) {
         return Err(ApiError::new(ErrorCode::ScopeNotSubset).details(json!({ "field": "scopes" })));
     }
     if body.expires_in == 0 {

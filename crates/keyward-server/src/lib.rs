@@ -34,6 +34,7 @@ pub mod page;
 pub mod render;
 pub mod request_id;
 pub mod signing;
+pub mod stats;
 pub mod usage;
 pub mod usage_api;
 pub mod verify;

@@ -10,14 +10,15 @@
 //! the store already has, and from then on every use takes one unit under a lock, so N concurrent
 //! calls against a quota of Q succeed exactly min(N, Q) times.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use keyward_core::model::{AuditEvent, Key, Outcome, QuotaPeriod, Timestamp, TraceContext};
+use keyward_core::model::{AuditEvent, Key, Outcome, Timestamp, TraceContext};
 use keyward_core::quota::{period_end, period_start};
 use keyward_proto::ErrorCode;
 use keyward_store::{Store, StoreResult, ThresholdAlert, UsageBucket, UsageDelta};
+use rustc_hash::FxHashMap as HashMap;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -49,6 +50,8 @@ struct Pending {
 #[derive(Debug)]
 struct QuotaCounter {
     period_start: Timestamp,
+    /// Cached so the hot path compares instants instead of doing calendar maths.
+    period_end: Timestamp,
     used: u64,
     fired: BTreeSet<u8>,
 }
@@ -68,8 +71,10 @@ pub struct Meter {
     quotas: Mutex<HashMap<Uuid, QuotaCounter>>,
 }
 
-fn hour(t: Timestamp) -> Timestamp {
-    period_start(QuotaPeriod::Hour, t)
+/// The start of the UTC hour of `t`, in Unix milliseconds (integer maths: this runs per use).
+fn hour_ms(t: Timestamp) -> i64 {
+    let ms = t.timestamp_millis();
+    ms - ms.rem_euclid(3_600_000)
 }
 
 impl Meter {
@@ -78,7 +83,7 @@ impl Meter {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let entry = p
             .counts
-            .entry((key.id, hour(now).timestamp_millis()))
+            .entry((key.id, hour_ms(now)))
             .or_insert((key.org_id, Counts::default()));
         match outcome {
             Use::Allowed => entry.1.allowed += 1,
@@ -102,63 +107,55 @@ impl Meter {
         now: Timestamp,
     ) -> Result<Option<QuotaUse>, ApiError> {
         let Some(q) = key.quota else { return Ok(None) };
+        let current = |c: &QuotaCounter| c.period_start <= now && now < c.period_end;
+        // The common case: the counter of this period is here; one lock takes the unit.
+        let mut alerts = Vec::new();
+        let taken = {
+            let mut g = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
+            match g.get_mut(&key.id) {
+                Some(c) if current(c) => Some(take(c, key, q.limit, now, &mut alerts)),
+                _ => None,
+            }
+        };
+        if let Some(result) = taken {
+            self.push_alerts(alerts);
+            return result.map(Some);
+        }
+        // First use of the period on this node: start from what the store has. Read outside the
+        // lock; if another request loaded the counter meanwhile, its counter wins.
         let start = period_start(q.period, now);
         let end = period_end(q.period, now);
-        let known = {
-            let g = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
-            g.get(&key.id).is_some_and(|c| c.period_start == start)
-        };
-        if !known {
-            // First use of the period on this node: start from what the store has. Read outside
-            // the lock; if another request loaded it meanwhile, its counter wins below.
-            let stored = store.allowed_between(key.id, start, end).await?;
-            let pending = self.pending_allowed(key.id, start, end);
+        let stored = store.allowed_between(key.id, start, end).await?;
+        let pending = self.pending_allowed(key.id, start, end);
+        let result = {
             let mut g = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
-            let fresh = QuotaCounter {
+            let c = g.entry(key.id).or_insert_with(|| QuotaCounter {
                 period_start: start,
-                used: stored + pending,
+                period_end: end,
+                used: 0,
                 fired: BTreeSet::new(),
-            };
-            match g.get(&key.id) {
-                Some(c) if c.period_start == start => {}
-                _ => {
-                    g.insert(key.id, fresh);
-                }
+            });
+            if c.period_start != start {
+                *c = QuotaCounter {
+                    period_start: start,
+                    period_end: end,
+                    used: stored + pending,
+                    fired: BTreeSet::new(),
+                };
+            } else if c.used == 0 {
+                c.used = stored + pending;
             }
-        }
-        let mut alerts = Vec::new();
-        let used = {
-            let mut g = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
-            let c = g
-                .get_mut(&key.id)
-                .ok_or_else(|| ApiError::internal("quota counter vanished"))?;
-            if c.used >= q.limit {
-                let secs = (end - now).num_seconds().max(1) as u64;
-                let mut e = ApiError::new(ErrorCode::QuotaExceeded).details(json!({
-                    "limit": q.limit,
-                    "resets_at": keyward_proto::ts::format(&end),
-                }));
-                e.retry_after = Some(secs);
-                return Err(e);
-            }
-            c.used += 1;
-            for t in &key.alert_thresholds {
-                let crossed = c.used as u128 * 100 >= *t as u128 * q.limit as u128;
-                if crossed && c.fired.insert(*t) {
-                    alerts.push(alert(key, start, *t, c.used, q.limit, now));
-                }
-            }
-            c.used
+            take(c, key, q.limit, now, &mut alerts)
         };
+        self.push_alerts(alerts);
+        result.map(Some)
+    }
+
+    fn push_alerts(&self, alerts: Vec<ThresholdAlert>) {
         if !alerts.is_empty() {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
             p.alerts.extend(alerts);
         }
-        Ok(Some(QuotaUse {
-            limit: q.limit,
-            used,
-            resets_at: end,
-        }))
     }
 
     /// The quota state of a key without taking from it (for the usage endpoint).
@@ -270,6 +267,38 @@ impl Meter {
             }
         }
     }
+}
+
+/// Takes one unit from a current counter, or refuses; collects thresholds crossed.
+fn take(
+    c: &mut QuotaCounter,
+    key: &Key,
+    limit: u64,
+    now: Timestamp,
+    alerts: &mut Vec<ThresholdAlert>,
+) -> Result<QuotaUse, ApiError> {
+    let end = c.period_end;
+    if c.used >= limit {
+        let secs = (end - now).num_seconds().max(1) as u64;
+        let mut e = ApiError::new(ErrorCode::QuotaExceeded).details(json!({
+            "limit": limit,
+            "resets_at": keyward_proto::ts::format(&end),
+        }));
+        e.retry_after = Some(secs);
+        return Err(e);
+    }
+    c.used += 1;
+    for t in &key.alert_thresholds {
+        let crossed = c.used as u128 * 100 >= *t as u128 * limit as u128;
+        if crossed && c.fired.insert(*t) {
+            alerts.push(alert(key, c.period_start, *t, c.used, limit, now));
+        }
+    }
+    Ok(QuotaUse {
+        limit,
+        used: c.used,
+        resets_at: end,
+    })
 }
 
 fn alert(

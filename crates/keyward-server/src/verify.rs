@@ -76,25 +76,38 @@ async fn decide(
     state: &AppState,
     p: &Prepared,
     body: &proto::VerifyRequest,
-    facts: &RequestFacts,
+    given: &proto::VerifyRequestFacts,
+    client_ip: Option<IpAddr>,
     required: &[Scope],
     now: Timestamp,
 ) -> (Result<(), ErrorCode>, Option<RateHeaders>, Option<QuotaUse>) {
     let key = &p.key;
-    if let Err(d) = check_key(key, p.agent_status, facts.client_ip, now, false) {
+    if let Err(d) = check_key(key, p.agent_status, client_ip, now, false) {
         return (Err(crate::auth::denial_error(d).code), None, None);
     }
     if let Err(code) = signature(state, p, body, now) {
         return (Err(code), None, None);
     }
-    let mut scopes = key.scopes.clone();
+    // Facts are only built when a rule needs them, scopes only copied when narrowed.
+    let facts = || RequestFacts {
+        method: given.method.clone(),
+        provider_id: given.provider_id.clone(),
+        app_id: given.app_id.clone(),
+        agent_id: key.agent_id.map(|a| a.to_string()),
+        api_key_id: Some(key.id.to_string()),
+        environment: given
+            .environment
+            .clone()
+            .or_else(|| Some(key.environment.as_str().to_string())),
+        client_ip,
+        resource_kind: given.resource_kind.clone(),
+    };
+    let mut narrowed: Option<Vec<Scope>> = None;
     if let Some(c) = &body.constraints {
         match rules::parse_constraints_json(c, &key.scopes) {
             Ok(c) => {
-                if let Some(s) = c.scopes {
-                    scopes = s;
-                }
-                if c.rule.as_ref().is_some_and(|r| rules::matches(r, facts)) {
+                narrowed = c.scopes;
+                if c.rule.as_ref().is_some_and(|r| rules::matches(r, &facts())) {
                     return (Err(ErrorCode::PolicyDenied), None, None);
                 }
             }
@@ -106,7 +119,7 @@ async fn decide(
             }
         }
     }
-    if rules::first_denial(&p.rules, facts).is_some() {
+    if !p.rules.is_empty() && rules::first_denial(&p.rules, &facts()).is_some() {
         return (Err(ErrorCode::PolicyDenied), None, None);
     }
     let (rate, limited) = rate_limit(state, p, now);
@@ -117,7 +130,7 @@ async fn decide(
         Ok(q) => q,
         Err(e) => return (Err(e.code), rate, None),
     };
-    if check_scopes(&scopes, required).is_err() {
+    if check_scopes(narrowed.as_deref().unwrap_or(&key.scopes), required).is_err() {
         return (Err(ErrorCode::InsufficientScope), rate, quota);
     }
     (Ok(()), rate, quota)
@@ -176,7 +189,8 @@ pub async fn verify_key(
         }
     }
 
-    let p = match lookup(state, &body.key).await {
+    let now = state.now();
+    let p = match lookup(state, &body.key, now).await {
         Ok(p) if p.key.org_id == org_id => p,
         // Unknown, malformed, or another org's key: nothing more is said.
         Ok(_) => return Ok(count(invalid())),
@@ -184,21 +198,7 @@ pub async fn verify_key(
         Err(e) => return Err(e),
     };
     let key = &p.key;
-    let facts = RequestFacts {
-        method: given.method.clone(),
-        provider_id: given.provider_id.clone(),
-        app_id: given.app_id.clone(),
-        agent_id: key.agent_id.map(|a| a.to_string()),
-        api_key_id: Some(key.id.to_string()),
-        environment: given
-            .environment
-            .clone()
-            .or_else(|| Some(key.environment.as_str().to_string())),
-        client_ip,
-        resource_kind: given.resource_kind.clone(),
-    };
-    let now = state.now();
-    let (decision, rate, quota) = decide(state, &p, body, &facts, &required, now).await;
+    let (decision, rate, quota) = decide(state, &p, body, &given, client_ip, &required, now).await;
     // A verification counts against the verified key exactly like a direct call.
     let outcome = match decision {
         Ok(()) => Use::Allowed,
@@ -259,6 +259,11 @@ pub async fn verify_key(
 
 /// Counts a verification by its outcome code for `/metrics`.
 fn count(r: proto::VerifyResponse) -> proto::VerifyResponse {
-    metrics::counter!("keyward_verifications_total", "code" => r.code.clone()).increment(1);
+    let code = if r.valid {
+        None
+    } else {
+        ErrorCode::parse(&r.code)
+    };
+    crate::stats::stats().verification(code).increment(1);
     r
 }
