@@ -37,6 +37,28 @@ pub struct ServeArgs {
     /// Comma-separated CIDRs of proxies whose `X-Forwarded-For` is trusted.
     #[arg(long, env = "KEYWARD_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Option<Vec<String>>,
+    /// Most key snapshots the verify cache holds.
+    #[arg(long, env = "KEYWARD_CACHE_CAPACITY")]
+    pub cache_capacity: Option<u64>,
+    /// Seconds a cached snapshot may be served without a store read (the staleness bound for
+    /// writes made by another process).
+    #[arg(long, env = "KEYWARD_CACHE_TTL_S")]
+    pub cache_ttl_s: Option<u64>,
+    /// Most unknown tokens remembered.
+    #[arg(long, env = "KEYWARD_NEGATIVE_CACHE_CAPACITY")]
+    pub negative_cache_capacity: Option<u64>,
+    /// Seconds an unknown token is remembered.
+    #[arg(long, env = "KEYWARD_NEGATIVE_CACHE_TTL_S")]
+    pub negative_cache_ttl_s: Option<u64>,
+    /// Milliseconds between writes of usage counts and decision audit events.
+    #[arg(long, env = "KEYWARD_USAGE_FLUSH_MS")]
+    pub usage_flush_ms: Option<u64>,
+    /// Failed authentications allowed per client IP per minute (0 turns the throttle off).
+    #[arg(long, env = "KEYWARD_FAILED_AUTH_PER_MINUTE")]
+    pub failed_auth_per_minute: Option<u64>,
+    /// Failed authentications allowed at once per client IP.
+    #[arg(long, env = "KEYWARD_FAILED_AUTH_BURST")]
+    pub failed_auth_burst: Option<u64>,
 }
 
 /// The TOML file's shape.
@@ -48,6 +70,13 @@ pub struct FileConfig {
     pub database_url: Option<String>,
     pub log: Option<String>,
     pub trusted_proxies: Option<Vec<String>>,
+    pub cache_capacity: Option<u64>,
+    pub cache_ttl_s: Option<u64>,
+    pub negative_cache_capacity: Option<u64>,
+    pub negative_cache_ttl_s: Option<u64>,
+    pub usage_flush_ms: Option<u64>,
+    pub failed_auth_per_minute: Option<u64>,
+    pub failed_auth_burst: Option<u64>,
 }
 
 /// The resolved configuration.
@@ -58,6 +87,9 @@ pub struct Config {
     pub database_url: Option<String>,
     pub log: String,
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub cache: keyward_server::cache::CacheSettings,
+    pub usage_flush: std::time::Duration,
+    pub failed_auth_limit: Option<keyward_core::model::RateLimitSpec>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8470";
@@ -100,7 +132,72 @@ impl Config {
             .collect();
         let trusted_proxies = keyward_core::cidr::parse_allowlist(&proxies)
             .map_err(|e| format!("invalid trusted_proxies: {e}"))?;
+        let pick = |flag: Option<u64>, file: Option<u64>| flag.or(file);
+        let defaults = keyward_server::cache::CacheSettings::default();
+        let positive = |name: &str, v: Option<u64>| -> Result<Option<u64>, String> {
+            match v {
+                Some(0) => Err(format!("{name} must be greater than 0")),
+                other => Ok(other),
+            }
+        };
+        let cache = keyward_server::cache::CacheSettings {
+            capacity: positive(
+                "cache_capacity",
+                pick(s.and_then(|s| s.cache_capacity), file.cache_capacity),
+            )?
+            .unwrap_or(defaults.capacity),
+            ttl: positive(
+                "cache_ttl_s",
+                pick(s.and_then(|s| s.cache_ttl_s), file.cache_ttl_s),
+            )?
+            .map(std::time::Duration::from_secs)
+            .unwrap_or(defaults.ttl),
+            negative_capacity: positive(
+                "negative_cache_capacity",
+                pick(
+                    s.and_then(|s| s.negative_cache_capacity),
+                    file.negative_cache_capacity,
+                ),
+            )?
+            .unwrap_or(defaults.negative_capacity),
+            negative_ttl: positive(
+                "negative_cache_ttl_s",
+                pick(
+                    s.and_then(|s| s.negative_cache_ttl_s),
+                    file.negative_cache_ttl_s,
+                ),
+            )?
+            .map(std::time::Duration::from_secs)
+            .unwrap_or(defaults.negative_ttl),
+        };
+        let usage_flush = positive(
+            "usage_flush_ms",
+            pick(s.and_then(|s| s.usage_flush_ms), file.usage_flush_ms),
+        )?
+        .map(std::time::Duration::from_millis)
+        .unwrap_or(std::time::Duration::from_secs(1));
+        let per_minute = pick(
+            s.and_then(|s| s.failed_auth_per_minute),
+            file.failed_auth_per_minute,
+        );
+        let burst = pick(s.and_then(|s| s.failed_auth_burst), file.failed_auth_burst);
+        let d = keyward_server::DEFAULT_FAILED_AUTH_LIMIT;
+        let failed_auth_limit = match per_minute {
+            Some(0) => None,
+            other => {
+                let spec = keyward_core::model::RateLimitSpec {
+                    limit: other.unwrap_or(d.limit),
+                    period_s: 60,
+                    burst: burst.unwrap_or(d.burst),
+                };
+                spec.validate("failed_auth").map_err(|e| e.message)?;
+                Some(spec)
+            }
+        };
         Ok(Config {
+            cache,
+            usage_flush,
+            failed_auth_limit,
             data_dir,
             listen,
             database_url: g.database_url.clone().or(file.database_url),

@@ -287,9 +287,9 @@ async fn serve(config: Config) -> Result<(), Failure> {
         trusted_proxies: config.trusted_proxies.clone(),
         master_key,
         clock: Arc::new(SystemClock),
-        cache: Default::default(),
-        usage_flush_interval: std::time::Duration::from_secs(1),
-        failed_auth_limit: Some(keyward_server::DEFAULT_FAILED_AUTH_LIMIT),
+        cache: config.cache,
+        usage_flush_interval: config.usage_flush,
+        failed_auth_limit: config.failed_auth_limit,
     };
     keyward_server::serve(server_config, store, listener, shutdown).await?;
     tracing::info!("keyward stopped");

@@ -976,3 +976,54 @@ fn sigterm_sent_the_moment_the_listening_line_appears_still_exits_0() {
         );
     }
 }
+
+#[test]
+fn zero_cache_and_flush_settings_are_refused_with_exit_2_naming_the_setting() {
+    let cwd = tempfile::tempdir().unwrap();
+    for (flag, name) in [
+        ("--cache-ttl-s", "cache_ttl_s"),
+        ("--cache-capacity", "cache_capacity"),
+        ("--usage-flush-ms", "usage_flush_ms"),
+    ] {
+        let out = run(keyward(cwd.path()).args(["serve", flag, "0"]));
+        assert_eq!(out.status.code(), Some(2), "{flag}: {}", stderr_of(&out));
+        assert!(
+            stderr_of(&out).contains(name),
+            "{flag}: {}",
+            stderr_of(&out)
+        );
+    }
+    let out = run(keyward(cwd.path())
+        .env("KEYWARD_FAILED_AUTH_BURST", "0")
+        .args(["serve"]));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+}
+
+#[tokio::test]
+async fn cache_and_throttle_settings_from_the_config_file_are_accepted() {
+    let cwd = tempfile::tempdir().unwrap();
+    let data = cwd.path().join("data");
+    let cfg = write_config(
+        cwd.path(),
+        &format!(
+            "data_dir = {}\nlisten = \"127.0.0.1:0\"\ncache_capacity = 1000\ncache_ttl_s = 5\n\
+             negative_cache_capacity = 100\nnegative_cache_ttl_s = 2\nusage_flush_ms = 250\n\
+             failed_auth_per_minute = 0\n",
+            toml_path(&data)
+        ),
+    );
+    let server =
+        Server::start(keyward(cwd.path()).args(["--config", cfg.to_str().unwrap(), "serve"]));
+    let (status, _) = get(&server, "/healthz", None).await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    // With the throttle off, many failures in a row are all plain 401s.
+    for _ in 0..150 {
+        let (status, body) = get(
+            &server,
+            "/v1/me",
+            Some("kw_ak_000000000000000000000000000000000000"),
+        )
+        .await;
+        assert_eq!(status, reqwest::StatusCode::UNAUTHORIZED, "{body}");
+    }
+}
