@@ -2,16 +2,17 @@
 //! document and its browsable reference; plus the fallbacks that keep unknown routes and
 //! methods in the error shape.
 
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::header;
+use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use keyward_proto::{self as proto, ErrorCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use rustc_hash::FxHashMap;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -70,21 +71,57 @@ pub async fn metrics() -> Response {
         .into_response()
 }
 
+/// The request counter and timer of one (route, method, status), registered once.
+#[derive(Clone)]
+struct RouteHandles {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+type RouteTable = RwLock<FxHashMap<String, FxHashMap<(Method, u16), RouteHandles>>>;
+
+/// Handles by route template, then (method, status): looking a labelled series up in the
+/// registry hashes and allocates its labels, which every request would otherwise pay.
+fn route_handles(route: &str, method: &Method, status: u16) -> RouteHandles {
+    static TABLE: OnceLock<RouteTable> = OnceLock::new();
+    let table = TABLE.get_or_init(Default::default);
+    if let Some(h) = table
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(route)
+        .and_then(|m| m.get(&(method.clone(), status)))
+    {
+        return h.clone();
+    }
+    let labels = [
+        ("method", method.to_string()),
+        ("route", route.to_string()),
+        ("status", status.to_string()),
+    ];
+    let h = RouteHandles {
+        requests: metrics::counter!("keyward_http_requests_total", &labels),
+        duration: metrics::histogram!("keyward_http_request_duration_seconds", &labels[..2]),
+    };
+    table
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(route.to_string())
+        .or_default()
+        .insert((method.clone(), status), h.clone());
+    h
+}
+
 /// Middleware counting requests and timing them by route template (never by raw path, so ids
 /// do not explode the label space).
 pub async fn track(req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().to_string();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".to_string());
+    let method = req.method().clone();
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let resp = next.run(req).await;
-    let status = resp.status().as_u16().to_string();
-    metrics::counter!("keyward_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status).increment(1);
-    metrics::histogram!("keyward_http_request_duration_seconds", "method" => method, "route" => route)
-        .record(start.elapsed().as_secs_f64());
+    let route = route.as_ref().map(|p| p.as_str()).unwrap_or("unmatched");
+    let h = route_handles(route, &method, resp.status().as_u16());
+    h.requests.increment(1);
+    h.duration.record(start.elapsed().as_secs_f64());
     resp
 }
 
