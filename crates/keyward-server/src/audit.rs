@@ -2,7 +2,6 @@
 
 use axum::extract::State;
 use axum::Json;
-use chrono::{DateTime, Utc};
 use keyward_core::model::{AuditFilter, Outcome, Page};
 use keyward_proto as proto;
 use serde::Deserialize;
@@ -10,7 +9,7 @@ use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiPath, ApiQuery};
+use crate::extract::{query_time, ApiPath, ApiQuery};
 use crate::{page, render, AppState};
 
 /// Filters of the audit list.
@@ -34,16 +33,6 @@ pub struct AuditQuery {
     pub until: Option<String>,
     pub limit: Option<u32>,
     pub offset: Option<u64>,
-}
-
-fn time(field: &str, v: &Option<String>) -> Result<Option<DateTime<Utc>>, ApiError> {
-    v.as_deref()
-        .map(|s| {
-            DateTime::parse_from_rfc3339(s)
-                .map(|t| t.with_timezone(&Utc))
-                .map_err(|_| ApiError::validation(field, "must be an RFC 3339 timestamp"))
-        })
-        .transpose()
 }
 
 #[utoipa::path(get, path = "/v1/orgs/{org_id}/audit", tag = "audit",
@@ -77,8 +66,8 @@ pub async fn list(
         run_id: q.run_id.clone(),
         thread_id: q.thread_id.clone(),
         outcome,
-        since: time("since", &q.since)?,
-        until: time("until", &q.until)?,
+        since: query_time("since", &q.since)?,
+        until: query_time("until", &q.until)?,
     };
     let mut events = state.store.list_audit(org_id, &filter, p).await?;
     let has_more = page::trim(&mut events, p);

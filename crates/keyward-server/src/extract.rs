@@ -163,3 +163,18 @@ where
             })
     }
 }
+
+/// An optional RFC 3339 timestamp from a query parameter; a malformed one is a
+/// `400 VALIDATION_ERROR` naming the parameter.
+pub fn query_time(
+    field: &str,
+    v: &Option<String>,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, ApiError> {
+    v.as_deref()
+        .map(|s| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .map_err(|_| ApiError::validation(field, "must be an RFC 3339 timestamp"))
+        })
+        .transpose()
+}

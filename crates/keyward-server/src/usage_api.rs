@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use axum::extract::State;
 use axum::Json;
-use chrono::{DateTime, Duration, Utc};
+use chrono::Duration;
 use keyward_core::model::{QuotaPeriod, Timestamp};
 use keyward_core::quota::{period_end, period_start};
 use keyward_proto as proto;
@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiPath, ApiQuery};
+use crate::extract::{query_time, ApiPath, ApiQuery};
 use crate::keys::load_key;
 use crate::AppState;
 
@@ -32,16 +32,6 @@ pub struct UsageQuery {
     pub since: Option<String>,
     /// RFC 3339, exclusive; default the end of the current hour or day.
     pub until: Option<String>,
-}
-
-fn time(field: &str, v: &Option<String>) -> Result<Option<Timestamp>, ApiError> {
-    v.as_deref()
-        .map(|s| {
-            DateTime::parse_from_rfc3339(s)
-                .map(|t| t.with_timezone(&Utc))
-                .map_err(|_| ApiError::validation(field, "must be an RFC 3339 timestamp"))
-        })
-        .transpose()
 }
 
 #[utoipa::path(get, path = "/v1/keys/{key_id}/usage", tag = "keys",
@@ -68,13 +58,13 @@ pub async fn usage(
         }
     };
     // By default the range ends with the bucket that holds `now`, so current uses always show.
-    let until = time("until", &q.until)?.unwrap_or_else(|| period_end(period, now));
+    let until = query_time("until", &q.until)?.unwrap_or_else(|| period_end(period, now));
     let default_span = if period == QuotaPeriod::Hour {
         Duration::hours(24)
     } else {
         Duration::days(30)
     };
-    let since = time("since", &q.since)?.unwrap_or(until - default_span);
+    let since = query_time("since", &q.since)?.unwrap_or(until - default_span);
     if since >= until {
         return Err(ApiError::validation("since", "must be before `until`"));
     }
