@@ -101,6 +101,9 @@ pub trait Store: Send + Sync + 'static {
     /// Checks that the store answers.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// Closes connections, flushing what the backend buffers (SQLite: checkpoints the WAL).
+    async fn close(&self) {}
+
     /// The first org created, if any (used by bootstrap to tell an empty store).
     async fn first_org(&self) -> StoreResult<Option<Org>>;
     /// Creates an org with its first root key.

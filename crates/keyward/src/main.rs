@@ -262,6 +262,11 @@ async fn serve(config: Config) -> Result<(), Failure> {
     // Handlers go in first: a SIGTERM that arrives once we have announced ourselves (or during
     // bootstrap) must trigger a graceful shutdown, never the default disposition (death by signal).
     let shutdown = shutdown_signal()?;
+    // Bind before anything is created, so a taken port fails without bootstrapping an org whose
+    // root key would be printed for nothing.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Failure(format!("cannot listen on {}: {e}", config.listen)))?;
     let store = open_store(&config).await?;
     let master_key = master_key(&config.data_dir)?;
     if store.first_org().await?.is_none() {
@@ -276,9 +281,6 @@ async fn serve(config: Config) -> Result<(), Failure> {
             key.expose()
         );
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| Failure(format!("cannot listen on {}: {e}", config.listen)))?;
     let addr = listener.local_addr()?;
     println!("Keyward listening on http://{addr}");
     let _ = std::io::stdout().flush();
@@ -291,7 +293,10 @@ async fn serve(config: Config) -> Result<(), Failure> {
         usage_flush_interval: config.usage_flush,
         failed_auth_limit: config.failed_auth_limit,
     };
-    keyward_server::serve(server_config, store, listener, shutdown).await?;
+    let served = keyward_server::serve(server_config, store.clone(), listener, shutdown).await;
+    // Checkpoint and close the database so the data file alone is complete after a stop.
+    store.close().await;
+    served?;
     tracing::info!("keyward stopped");
     Ok(())
 }

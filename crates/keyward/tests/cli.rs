@@ -833,6 +833,30 @@ fn a_listen_address_already_in_use_exits_1_naming_it() {
         "stderr must name the address: {}",
         stderr_of(&out)
     );
+    // Nothing was bootstrapped: no org, no root key printed or written.
+    assert!(
+        !stdout_of(&out).contains("kw_rk_"),
+        "stdout: {}",
+        stdout_of(&out)
+    );
+    assert!(!cwd.path().join("keyward-data").join("root-key").exists());
+}
+
+#[tokio::test]
+async fn after_a_graceful_stop_the_database_file_alone_holds_every_write() {
+    let cwd = tempfile::tempdir().unwrap();
+    let data = cwd.path().join("data");
+    let server = serve_on(cwd.path(), &data);
+    let (status, _) = get(&server, "/healthz", None).await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    server.stop();
+    // The WAL was checkpointed into the main file and removed on close.
+    let wal = data.join("keyward.db-wal");
+    assert!(
+        !wal.exists() || std::fs::metadata(&wal).unwrap().len() == 0,
+        "WAL left with {} bytes",
+        std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0)
+    );
 }
 
 #[test]

@@ -116,12 +116,6 @@ impl SqliteStore {
             .await
             .map_err(map_err)
     }
-
-    /// Closes both pools, checkpointing the WAL.
-    pub async fn close(&self) {
-        self.reader.close().await;
-        self.writer.close().await;
-    }
 }
 
 /// Maps sqlx errors to domain errors once, here.
@@ -424,6 +418,12 @@ async fn key_tx(tx: &mut Transaction<'static, Sqlite>, id: Uuid) -> StoreResult<
 
 #[async_trait]
 impl Store for SqliteStore {
+    /// Closes both pools; the last connection to close checkpoints the WAL into the main file.
+    async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1")
             .execute(&self.reader)
