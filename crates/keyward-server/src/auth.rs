@@ -366,11 +366,13 @@ pub async fn middleware(
     next: Next,
 ) -> Response {
     let ip = client_ip(peer.ip(), req.headers(), &state.config.trusted_proxies);
-    let method = req.method().to_string();
-    let path = req.uri().path().to_string();
-    let trace = trace_context(req.headers()).unwrap_or_default();
+    // Cheap copies (no allocation for standard methods; the URI is reference-counted): they
+    // only become strings if the request is denied and audited.
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let trace = trace_context(req.headers());
     let mut meta = Meta::default();
-    let mut resp = match authenticate(&state, ip, req, &mut meta).await {
+    let mut resp = match authenticate(&state, ip, req, &trace, &mut meta).await {
         Ok(req) => next.run(req).await,
         Err(e) => e.into_response(),
     };
@@ -404,9 +406,9 @@ pub async fn middleware(
                     code: code.as_str(),
                     client_ip: Some(ip),
                     request_id: Some(crate::request_id::current()),
-                    trace,
-                    method: Some(method),
-                    path: Some(path),
+                    trace: trace.unwrap_or_default(),
+                    method: Some(method.to_string()),
+                    path: Some(uri.path().to_string()),
                     at: now,
                 }),
                 None => {
@@ -458,6 +460,7 @@ async fn authenticate(
     state: &AppState,
     ip: IpAddr,
     req: Request,
+    trace: &Result<TraceContext, ApiError>,
     meta: &mut Meta,
 ) -> Result<Request, ApiError> {
     let now = state.now();
@@ -476,7 +479,7 @@ async fn authenticate(
     let token = credential(req.headers())?;
     let prepared = lookup(state, token.expose(), now).await?;
     meta.prepared = Some(prepared.clone());
-    let result = authorize(state, &prepared, ip, req, meta, now).await;
+    let result = authorize(state, &prepared, ip, req, trace, meta, now).await;
     let outcome = match &result {
         Ok(_) => Use::Allowed,
         Err(e) if matches!(e.code, ErrorCode::RateLimited | ErrorCode::QuotaExceeded) => {
@@ -495,6 +498,7 @@ async fn authorize(
     prepared: &Arc<Prepared>,
     ip: IpAddr,
     mut req: Request,
+    trace: &Result<TraceContext, ApiError>,
     meta: &mut Meta,
     now: keyward_core::model::Timestamp,
 ) -> Result<Request, ApiError> {
@@ -538,7 +542,7 @@ async fn authorize(
         .await?;
     // Trace headers are validated once the credential is known to be good, so that a request
     // without a valid key always learns that first.
-    let trace = trace_context(req.headers())?;
+    let trace = trace.clone()?;
     let caller = Caller {
         narrowed,
         prepared: prepared.clone(),

@@ -47,7 +47,10 @@ impl Default for CacheSettings {
     fn default() -> Self {
         CacheSettings {
             capacity: 2_000_000,
-            ttl: Duration::from_secs(30),
+            // Every write through this server invalidates at once, and no operator command changes
+            // an existing key, so on one node the TTL only bounds what it never sees; it is long
+            // so that a large, evenly used key set stays cached.
+            ttl: Duration::from_secs(600),
             negative_capacity: 100_000,
             negative_ttl: Duration::from_secs(10),
         }
@@ -213,6 +216,9 @@ type Loaded = Result<Option<Arc<Prepared>>, (String, bool)>;
 pub struct VerifyCache {
     found: Map<Arc<Prepared>>,
     missing: Map<()>,
+    /// Whole agent records by id, for `GET /v1/me` (shared by all of an agent's keys).
+    agents: RwLock<rustc_hash::FxHashMap<uuid::Uuid, (u64, Arc<keyward_core::model::Agent>)>>,
+    agent_capacity: usize,
     generation: AtomicU64,
     inflight: Mutex<DigestMap<Arc<tokio::sync::OnceCell<Loaded>>>>,
 }
@@ -230,6 +236,8 @@ impl VerifyCache {
         VerifyCache {
             found: Map::new(s.capacity, s.ttl),
             missing: Map::new(s.negative_capacity, s.negative_ttl),
+            agents: RwLock::new(Default::default()),
+            agent_capacity: (s.capacity as usize).clamp(1, 1_000_000),
             generation: AtomicU64::new(0),
             inflight: Mutex::new(DigestMap::default()),
         }
@@ -302,6 +310,40 @@ impl VerifyCache {
                 .map(|k| Arc::new(Prepared::from_store(k))));
         }
         Ok(answer)
+    }
+
+    /// An agent's whole record, from the cache when this generation has it. Agents change only
+    /// through writes that bump the generation, so a cached record is never older than the last
+    /// write through this server.
+    pub async fn agent(
+        &self,
+        store: &dyn Store,
+        org_id: uuid::Uuid,
+        agent_id: uuid::Uuid,
+    ) -> Result<Option<Arc<keyward_core::model::Agent>>, StoreError> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some((g, a)) = self
+            .agents
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&agent_id)
+        {
+            if *g == generation && a.org_id == org_id {
+                return Ok(Some(a.clone()));
+            }
+        }
+        let Some(agent) = store.get_agent(org_id, agent_id).await? else {
+            return Ok(None);
+        };
+        let agent = Arc::new(agent);
+        if self.generation.load(Ordering::Acquire) == generation {
+            let mut map = self.agents.write().unwrap_or_else(|e| e.into_inner());
+            if map.len() >= self.agent_capacity {
+                map.clear();
+            }
+            map.insert(agent_id, (generation, agent.clone()));
+        }
+        Ok(Some(agent))
     }
 
     /// Entries currently held (for metrics and tests).

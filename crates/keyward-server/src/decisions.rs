@@ -1,5 +1,6 @@
 //! Audit of access decisions made on the hot path (API.md §7): authentication and authorization
-//! failures (`auth.denied`) and verifications (`key.verify`).
+//! failures (`auth.denied`) and failed verifications (`key.verify`; successful ones are counted
+//! in the key's usage instead, so a busy service does not write an audit row per key per second).
 //!
 //! These are written off the hot path, in batches. Decisions are aggregated in memory by (org,
 //! key, action, code, client IP) and written every flush interval as one event per group with a

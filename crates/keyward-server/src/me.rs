@@ -7,7 +7,6 @@ use keyward_proto::{self as proto, ErrorCode};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
-use crate::keys::load_agent;
 use crate::{render, AppState};
 
 #[utoipa::path(get, path = "/v1/me", tag = "me",
@@ -20,7 +19,11 @@ pub async fn me(
     let Some(agent_id) = caller.key().agent_id else {
         return Err(ApiError::new(ErrorCode::MeRequiresAgentKey));
     };
-    let agent = load_agent(&state, caller.org_id(), agent_id).await?;
+    let agent = state
+        .cache
+        .agent(state.store.as_ref(), caller.org_id(), agent_id)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::AgentNotFound))?;
     Ok(Json(proto::MeResponse {
         agent: render::agent(&agent),
         key: render::key(caller.key()),

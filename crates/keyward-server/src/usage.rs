@@ -64,11 +64,26 @@ pub struct QuotaUse {
     pub resets_at: Timestamp,
 }
 
+/// Shards of the pending counts: every use of every key lands here, so one lock would be the
+/// hottest in the server.
+const SHARDS: usize = 16;
+
 /// The in-memory meter of this node.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Meter {
-    pending: Mutex<Pending>,
+    pending: Vec<Mutex<Pending>>,
     quotas: Mutex<HashMap<Uuid, QuotaCounter>>,
+}
+
+impl Default for Meter {
+    fn default() -> Self {
+        Meter {
+            pending: (0..SHARDS)
+                .map(|_| Mutex::new(Pending::default()))
+                .collect(),
+            quotas: Mutex::default(),
+        }
+    }
 }
 
 /// The start of the UTC hour of `t`, in Unix milliseconds (integer maths: this runs per use).
@@ -80,7 +95,7 @@ fn hour_ms(t: Timestamp) -> i64 {
 impl Meter {
     /// Counts one use of `key` at `now`.
     pub fn record(&self, key: &Key, outcome: Use, now: Timestamp) {
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.shard(key.id).lock().unwrap_or_else(|e| e.into_inner());
         let entry = p
             .counts
             .entry((key.id, hour_ms(now)))
@@ -152,10 +167,18 @@ impl Meter {
     }
 
     fn push_alerts(&self, alerts: Vec<ThresholdAlert>) {
-        if !alerts.is_empty() {
-            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = alerts.first() {
+            let mut p = self
+                .shard(a.key_id)
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             p.alerts.extend(alerts);
         }
+    }
+
+    fn shard(&self, key_id: Uuid) -> &Mutex<Pending> {
+        // UUIDv7's last bits are random.
+        &self.pending[(key_id.as_u128() as usize) % SHARDS]
     }
 
     /// The quota state of a key without taking from it (for the usage endpoint).
@@ -189,7 +212,7 @@ impl Meter {
     }
 
     fn pending_allowed(&self, key_id: Uuid, start: Timestamp, end: Timestamp) -> u64 {
-        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let p = self.shard(key_id).lock().unwrap_or_else(|e| e.into_inner());
         let (s, e) = (start.timestamp_millis(), end.timestamp_millis());
         p.counts
             .iter()
@@ -200,7 +223,7 @@ impl Meter {
 
     /// The counts of a key not yet flushed, by hour.
     pub fn pending_hours(&self, key_id: Uuid) -> Vec<UsageBucket> {
-        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let p = self.shard(key_id).lock().unwrap_or_else(|e| e.into_inner());
         p.counts
             .iter()
             .filter(|((k, _), _)| *k == key_id)
@@ -218,10 +241,13 @@ impl Meter {
     /// Writes everything pending to the store. On failure the counts are put back to be retried
     /// with the next flush, so a store outage delays counts rather than losing them.
     pub async fn flush(&self, store: &dyn Store) -> StoreResult<()> {
-        let taken = {
-            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            std::mem::take(&mut *p)
-        };
+        let mut taken = Pending::default();
+        for shard in &self.pending {
+            let part = std::mem::take(&mut *shard.lock().unwrap_or_else(|e| e.into_inner()));
+            taken.counts.extend(part.counts);
+            taken.last_used.extend(part.last_used);
+            taken.alerts.extend(part.alerts);
+        }
         if taken.counts.is_empty() && taken.last_used.is_empty() && taken.alerts.is_empty() {
             return Ok(());
         }
@@ -249,20 +275,25 @@ impl Meter {
                 Ok(())
             }
             Err(e) => {
-                let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-                for (k, (org, c)) in taken.counts {
-                    let entry = p.counts.entry(k).or_insert((org, Counts::default()));
+                // Put everything back, each count in its key's shard, to go with the next flush.
+                for ((key_id, h), (org, c)) in taken.counts {
+                    let mut p = self.shard(key_id).lock().unwrap_or_else(|e| e.into_inner());
+                    let entry = p
+                        .counts
+                        .entry((key_id, h))
+                        .or_insert((org, Counts::default()));
                     entry.1.allowed += c.allowed;
                     entry.1.denied += c.denied;
                     entry.1.rate_limited += c.rate_limited;
                 }
-                for (k, t) in taken.last_used {
-                    let last = p.last_used.entry(k).or_insert(t);
+                for (key_id, t) in taken.last_used {
+                    let mut p = self.shard(key_id).lock().unwrap_or_else(|e| e.into_inner());
+                    let last = p.last_used.entry(key_id).or_insert(t);
                     if *last < t {
                         *last = t;
                     }
                 }
-                p.alerts.extend(taken.alerts);
+                self.push_alerts(taken.alerts);
                 Err(e)
             }
         }

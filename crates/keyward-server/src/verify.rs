@@ -206,20 +206,24 @@ pub async fn verify_key(
         Err(_) => Use::Denied,
     };
     state.meter.record(key, outcome, now);
-    state.decisions.record(crate::decisions::Decision {
-        key,
-        action: "key.verify",
-        code: match decision {
-            Ok(()) => "VALID",
-            Err(c) => c.as_str(),
-        },
-        client_ip,
-        request_id: Some(ctx.request_id.clone()),
-        trace: ctx.trace.clone(),
-        method: given.method.clone(),
-        path: given.path.clone(),
-        at: now,
-    });
+    // Failed verifications are audited (aggregated); successful ones are counted in the key's
+    // usage instead, so a busy service does not write an audit row per key per second.
+    if decision.is_err() {
+        state.decisions.record(crate::decisions::Decision {
+            key,
+            action: "key.verify",
+            code: match decision {
+                Ok(()) => "VALID",
+                Err(c) => c.as_str(),
+            },
+            client_ip,
+            request_id: Some(ctx.request_id.clone()),
+            trace: ctx.trace.clone(),
+            method: given.method.clone(),
+            path: given.path.clone(),
+            at: now,
+        });
+    }
     let code = match decision {
         Ok(()) => "VALID".to_string(),
         Err(c) => c.as_str().to_string(),

@@ -1,6 +1,7 @@
 //! Access decisions on the hot path (API.md §7 and the traffic-controls issue): denials of a
 //! known key are audited as `auth.denied` in batches, identical ones aggregated into one event
-//! with a count; verifications are audited as `key.verify`; an address that keeps failing to
+//! with a count; failed verifications are audited as `key.verify` (successful ones are counted
+//! in the key's usage); an address that keeps failing to
 //! authenticate is throttled before its tokens are even looked at.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
@@ -77,7 +78,7 @@ async fn handler_denials_of_scope_and_org_are_audited_too() {
 }
 
 #[tokio::test]
-async fn verifications_are_audited_as_key_verify_with_their_outcome() {
+async fn failed_verifications_are_audited_and_successful_ones_counted_in_usage() {
     let s = TestServer::start().await;
     let (_, key_json, key) = s
         .create_agent("verified", json!({"slack": ["chat:write"]}))
@@ -88,19 +89,24 @@ async fn verifications_are_audited_as_key_verify_with_their_outcome() {
             .await
             .assert_status(200);
     }
-    s.post(
-        "/v1/keys/verify",
-        &s.root_key,
-        json!({"key": key, "required_scopes": ["github:repo"]}),
-    )
-    .await
-    .assert_status(200);
-    let events = wait_for_events(&s, &format!("action=key.verify&key_id={kid}"), 2).await;
-    let ok = events.iter().find(|e| e["outcome"] == "success").unwrap();
-    assert_eq!(ok["details"]["count"], 3);
-    let denied = events.iter().find(|e| e["outcome"] == "denied").unwrap();
-    assert_eq!(denied["error_code"], "INSUFFICIENT_SCOPE");
-    assert_eq!(denied["details"]["count"], 1);
+    for _ in 0..2 {
+        s.post(
+            "/v1/keys/verify",
+            &s.root_key,
+            json!({"key": key, "required_scopes": ["github:repo"]}),
+        )
+        .await
+        .assert_status(200);
+    }
+    let events = wait_for_events(&s, &format!("action=key.verify&key_id={kid}"), 1).await;
+    assert_eq!(events.len(), 1, "only the failed verifications: {events:?}");
+    assert_eq!(events[0]["outcome"], "denied");
+    assert_eq!(events[0]["error_code"], "INSUFFICIENT_SCOPE");
+    assert_eq!(events[0]["details"]["count"], 2);
+    // The successes are in the key's usage (3 allowed), the failures as denied.
+    let usage = s.get(&format!("/v1/keys/{kid}/usage"), &s.root_key).await;
+    assert_eq!(usage.body["total"]["allowed"], 3);
+    assert_eq!(usage.body["total"]["denied"], 2);
 }
 
 #[tokio::test]

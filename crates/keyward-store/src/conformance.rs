@@ -2518,6 +2518,59 @@ pub async fn run_all(store: Arc<dyn Store>) {
     usage_counts_add_up_and_read_back_by_hour(s).await;
     last_used_at_only_moves_forward(s).await;
     a_quota_threshold_is_announced_once_per_period(s).await;
+    import_keys_inserts_all_or_nothing(s).await;
+}
+
+/// `import_keys` inserts every key with one event, or none when one of them cannot go in.
+pub async fn import_keys_inserts_all_or_nothing(store: &dyn Store) {
+    let (o, _) = new_org(store, "import").await;
+    let (a, _) = new_agent(store, o.id, "importer").await;
+    let batch: Vec<Key> = (0..50)
+        .map(|_| key(o.id, Some(a.id), TokenKind::Agent))
+        .collect();
+    store
+        .import_keys(&batch, &event(o.id, "key.import"))
+        .await
+        .unwrap();
+    for k in &batch {
+        let found = store.find_key_by_digest(&k.digest).await.unwrap();
+        assert_eq!(
+            found.map(|f| f.key.id),
+            Some(k.id),
+            "every imported key is found by digest"
+        );
+    }
+    // A batch with a duplicate digest fails whole: neither key nor event is written.
+    let fresh = key(o.id, Some(a.id), TokenKind::Agent);
+    let dup = Key {
+        id: Uuid::now_v7(),
+        ..batch[0].clone()
+    };
+    assert!(store
+        .import_keys(&[fresh.clone(), dup], &event(o.id, "key.import"))
+        .await
+        .is_err());
+    assert!(store
+        .find_key_by_digest(&fresh.digest)
+        .await
+        .unwrap()
+        .is_none());
+    let events = store
+        .list_audit(
+            o.id,
+            &AuditFilter {
+                action: Some("key.import".into()),
+                ..Default::default()
+            },
+            all(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        events.len(),
+        1,
+        "one event for the successful import, none for the failed one"
+    );
 }
 
 /// The start of the UTC hour of `t`.

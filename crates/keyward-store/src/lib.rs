@@ -147,6 +147,9 @@ pub trait Store: Send + Sync + 'static {
         audit: &AuditEvent,
         idem: Option<&IdempotencyRecord>,
     ) -> StoreResult<()>;
+    /// Inserts many keys in one transaction with one audit event for the whole import (bulk
+    /// provisioning and load tests). Every key's agent must exist and not be revoked.
+    async fn import_keys(&self, keys: &[Key], audit: &AuditEvent) -> StoreResult<()>;
     async fn get_key(&self, id: Uuid) -> StoreResult<Option<Key>>;
     async fn find_key_by_digest(&self, digest: &TokenDigest) -> StoreResult<Option<KeyWithAgent>>;
     /// Keys by `created_at`; returns up to `page.limit + 1` rows.

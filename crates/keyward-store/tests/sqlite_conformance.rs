@@ -75,6 +75,7 @@ checks!(
     usage_counts_add_up_and_read_back_by_hour,
     last_used_at_only_moves_forward,
     a_quota_threshold_is_announced_once_per_period,
+    import_keys_inserts_all_or_nothing,
 );
 
 concurrent_checks!(

@@ -15,6 +15,11 @@ use keyward_store::Store;
 
 mod config;
 
+/// mimalloc instead of the system allocator: the verify cache holds millions of small
+/// allocations, and with glibc's malloc 1,000,000 cached keys measured 1099 MiB of RSS.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use config::{Config, GlobalArgs, ServeArgs};
 
 #[derive(Debug, Parser)]

@@ -648,6 +648,25 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(map_err)
     }
 
+    async fn import_keys(&self, keys: &[Key], audit: &AuditEvent) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let mut checked: Vec<Uuid> = Vec::new();
+        for k in keys {
+            if let Some(agent_id) = k.agent_id {
+                if !checked.contains(&agent_id) {
+                    match agent_status_tx(&mut tx, agent_id).await? {
+                        Some(AgentStatus::Revoked) => return Err(StoreError::AgentRevoked),
+                        Some(_) => checked.push(agent_id),
+                        None => return Err(StoreError::NotFound),
+                    }
+                }
+            }
+            insert_key_tx(&mut tx, k).await?;
+        }
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
     async fn get_key(&self, id: Uuid) -> StoreResult<Option<Key>> {
         let row = sqlx::query(&format!("SELECT {KEY_COLS} FROM keys k WHERE k.id = ?"))
             .bind(id.to_string())

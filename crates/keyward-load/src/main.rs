@@ -1,0 +1,445 @@
+//! `keyward-load`: the load test of the hot path (the traffic-controls issue's benchmark).
+//!
+//! It initialises a fresh data dir with the release `keyward` binary, seeds N agent keys
+//! straight into the store (one import per batch: seeding through the API would spend its time
+//! in fsyncs), starts `keyward serve`, and measures over loopback, with HTTP/1.1 keep-alive
+//! connections and an HDR histogram:
+//! - how long `serve` takes to answer `/healthz` (ready time);
+//! - a first pass verifying every key once (all cache misses: the miss latency), then the
+//!   server's RSS;
+//! - `GET /healthz` (a static handler on the same HTTP stack), `POST /v1/keys/verify` and
+//!   `GET /v1/me`, at each connection count, as req/s and p50/p99/p99.9, with the ratio of each
+//!   to the static handler.
+//!
+//! The generator shares the machine with the server, as the targets assume.
+//!
+//! Run: `cargo build --release -p keyward && cargo run --release -p keyward-load -- --keys 10000`.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use keyward_core::model::{Agent, AgentStatus, AgentType, AuditEvent, Key, Outcome, TraceContext};
+use keyward_core::scope::Scope;
+use keyward_core::token::{self, Environment, TokenDigest, TokenKind};
+use keyward_store::sqlite::SqliteStore;
+use keyward_store::Store;
+use uuid::Uuid;
+
+#[derive(Debug, Parser)]
+#[command(about = "Load test of Keyward's verification path")]
+struct Args {
+    /// How many agent keys to seed.
+    #[arg(long, default_value_t = 10_000)]
+    keys: usize,
+    /// Connection counts to measure at.
+    #[arg(long, value_delimiter = ',', default_value = "16,64,256")]
+    connections: Vec<usize>,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// The keyward binary to start.
+    #[arg(long, default_value = "target/release/keyward")]
+    bin: PathBuf,
+}
+
+type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+/// Kills the server when the run ends, however it ends.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn init(bin: &PathBuf, data: &std::path::Path) -> Result<(Uuid, String), Failure> {
+    let out = Command::new(bin)
+        .args(["--log", "warn", "--data-dir"])
+        .arg(data)
+        .args(["init", "--json"])
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "keyward init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let org: Uuid = v["org_id"].as_str().ok_or("no org_id")?.parse()?;
+    let key = v["root_key"].as_str().ok_or("no root_key")?.to_string();
+    Ok((org, key))
+}
+
+fn event(org_id: Uuid, action: &str, now: keyward_core::model::Timestamp) -> AuditEvent {
+    AuditEvent {
+        id: Uuid::now_v7(),
+        org_id,
+        occurred_at: now,
+        action: action.into(),
+        outcome: Outcome::Success,
+        error_code: None,
+        actor_key_id: None,
+        actor_agent_id: None,
+        target_type: None,
+        target_id: None,
+        client_ip: None,
+        request_id: None,
+        trace: TraceContext::default(),
+        details: serde_json::json!({ "via": "keyward-load" }),
+    }
+}
+
+fn agent_key(
+    org_id: Uuid,
+    agent_id: Uuid,
+    scopes: &[Scope],
+    now: keyward_core::model::Timestamp,
+) -> Result<(Key, String), Failure> {
+    let t = token::generate(Environment::Live, TokenKind::Agent)?;
+    let plain = t.expose().to_string();
+    Ok((
+        Key {
+            id: Uuid::now_v7(),
+            org_id,
+            agent_id: Some(agent_id),
+            parent_key_id: None,
+            kind: TokenKind::Agent,
+            environment: Environment::Live,
+            name: None,
+            start: token::display_start(&plain),
+            digest: TokenDigest::of(&plain),
+            scopes: scopes.to_vec(),
+            cidr_allowlist: vec![],
+            rate_limit: None,
+            quota: None,
+            alert_thresholds: vec![],
+            requires_signature: false,
+            signing_secret_enc: None,
+            expires_at: None,
+            deprecated_at: None,
+            revoked_at: None,
+            successor_key_id: None,
+            last_used_at: None,
+            created_at: now,
+            metadata: Default::default(),
+        },
+        plain,
+    ))
+}
+
+/// Seeds one agent with `n` keys; returns every plaintext.
+async fn seed(data: &std::path::Path, org_id: Uuid, n: usize) -> Result<Vec<String>, Failure> {
+    let store = SqliteStore::open(&data.join("keyward.db")).await?;
+    let now = keyward_core::clock::truncate_to_millis(chrono_now());
+    let scopes = vec![Scope::parse("slack:chat:write")?];
+    let agent = Agent {
+        id: Uuid::now_v7(),
+        org_id,
+        name: "load-agent".into(),
+        display_name: None,
+        agent_type: AgentType::Agent,
+        status: AgentStatus::Active,
+        scopes: [("slack".to_string(), vec!["chat:write".to_string()])].into(),
+        metadata: Default::default(),
+        policy: Default::default(),
+        capabilities: vec![],
+        did: None,
+        owner_user_id: None,
+        parent_agent_id: None,
+        version: 1,
+        created_at: now,
+        updated_at: now,
+        revoked_at: None,
+    };
+    let (first, first_plain) = agent_key(org_id, agent.id, &scopes, now)?;
+    store
+        .create_agent(&agent, &first, &[event(org_id, "agent.create", now)], None)
+        .await?;
+    let mut tokens = Vec::with_capacity(n);
+    tokens.push(first_plain);
+    while tokens.len() < n {
+        let batch = (n - tokens.len()).min(20_000);
+        let mut keys = Vec::with_capacity(batch);
+        for _ in 0..batch {
+            let (k, p) = agent_key(org_id, agent.id, &scopes, now)?;
+            keys.push(k);
+            tokens.push(p);
+        }
+        store
+            .import_keys(&keys, &event(org_id, "key.import", now))
+            .await?;
+    }
+    store.close().await;
+    Ok(tokens)
+}
+
+fn chrono_now() -> keyward_core::model::Timestamp {
+    use keyward_core::clock::Clock;
+    keyward_core::clock::SystemClock.now()
+}
+
+async fn start(bin: &PathBuf, data: &std::path::Path) -> Result<(Server, Duration), Failure> {
+    let started = Instant::now();
+    let mut child = Command::new(bin)
+        .args(["--log", "warn", "--data-dir"])
+        .arg(data)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--failed-auth-per-minute",
+            "0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let addr: SocketAddr = {
+        let mut lines = BufReader::new(stdout).lines();
+        loop {
+            let line = lines.next().ok_or("serve exited before listening")??;
+            if let Some(a) = line.strip_prefix("Keyward listening on http://") {
+                break a.trim().parse()?;
+            }
+        }
+    };
+    let server = Server { child, addr };
+    loop {
+        if let Ok(s) = send_once(addr, get("/healthz", None)).await {
+            if s == 200 {
+                return Ok((server, started.elapsed()));
+            }
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err("serve not ready within 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn get(path: &str, bearer: Option<&str>) -> Request<Full<Bytes>> {
+    let mut b = Request::get(path).header("host", "127.0.0.1");
+    if let Some(k) = bearer {
+        b = b.header("authorization", format!("Bearer {k}"));
+    }
+    b.body(Full::new(Bytes::new())).unwrap_or_default()
+}
+
+fn verify(root: &str, key: &str) -> Request<Full<Bytes>> {
+    Request::post("/v1/keys/verify")
+        .header("host", "127.0.0.1")
+        .header("authorization", format!("Bearer {root}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(format!("{{\"key\":\"{key}\"}}"))))
+        .unwrap_or_default()
+}
+
+async fn send_once(addr: SocketAddr, req: Request<Full<Bytes>>) -> Result<u16, Failure> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await?;
+    Ok(status)
+}
+
+/// What one measurement saw.
+struct Run {
+    requests: u64,
+    errors: u64,
+    elapsed: Duration,
+    hist: Histogram<u64>,
+}
+
+impl Run {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+    fn ms(&self, q: f64) -> f64 {
+        self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+/// Drives `conns` keep-alive connections, each sending `make(i)` in a loop, until `until` says
+/// stop (a deadline, or a request budget for the one-pass run).
+async fn drive(
+    addr: SocketAddr,
+    conns: usize,
+    deadline: Option<Duration>,
+    total: Option<u64>,
+    make: Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>,
+) -> Result<Run, Failure> {
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let make = make.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let (mut requests, mut errors) = (0u64, 0u64);
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            loop {
+                if deadline.is_some_and(|d| started.elapsed() >= d) {
+                    break;
+                }
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if total.is_some_and(|t| i >= t) {
+                    break;
+                }
+                let t0 = Instant::now();
+                let resp = sender.send_request(make(i)).await?;
+                let ok = resp.status().as_u16() == 200;
+                resp.into_body().collect().await?;
+                hist.record(t0.elapsed().as_micros().max(1) as u64)?;
+                requests += 1;
+                if !ok {
+                    errors += 1;
+                }
+            }
+            Ok::<_, Failure>((hist, requests, errors))
+        }));
+    }
+    let mut run = Run {
+        requests: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        hist: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?,
+    };
+    for t in tasks {
+        let (h, r, e) = t.await??;
+        run.hist.add(h)?;
+        run.requests += r;
+        run.errors += e;
+    }
+    run.elapsed = started.elapsed();
+    Ok(run)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Failure> {
+    let args = Args::parse();
+    if !args.bin.exists() {
+        return Err(format!(
+            "{} not found: run `cargo build --release -p keyward` first",
+            args.bin.display()
+        )
+        .into());
+    }
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let (org_id, root) = init(&args.bin, &data)?;
+    let t = Instant::now();
+    let tokens = Arc::new(seed(&data, org_id, args.keys).await?);
+    println!(
+        "seeded {} keys in {:.1} s",
+        tokens.len(),
+        t.elapsed().as_secs_f64()
+    );
+
+    let (server, ready) = start(&args.bin, &data).await?;
+    let pid = server.child.id();
+    println!(
+        "keyward serve ready in {:.0} ms with {} keys (RSS {:.0} MiB)",
+        ready.as_secs_f64() * 1000.0,
+        tokens.len(),
+        rss_mib(pid).unwrap_or(0.0)
+    );
+
+    // One pass over every key: each verification is a cache miss.
+    let root = Arc::new(root);
+    let (r2, t2) = (root.clone(), tokens.clone());
+    let miss = drive(
+        server.addr,
+        16,
+        None,
+        Some(tokens.len() as u64),
+        Arc::new(move |i| verify(&r2, &t2[i as usize % t2.len()])),
+    )
+    .await?;
+    println!(
+        "first pass (cache misses), 16 conns: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, errors {}",
+        miss.rps(), miss.ms(0.5), miss.ms(0.99), miss.ms(0.999), miss.errors
+    );
+    println!(
+        "RSS after every key was verified once: {:.0} MiB",
+        rss_mib(pid).unwrap_or(0.0)
+    );
+
+    println!("\n| conns | endpoint | req/s | vs static | p50 ms | p99 ms | p99.9 ms | errors |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let secs = Duration::from_secs(args.seconds);
+    for &conns in &args.connections {
+        let stat = drive(
+            server.addr,
+            conns,
+            Some(secs),
+            None,
+            Arc::new(|_| get("/healthz", None)),
+        )
+        .await?;
+        let (r, t) = (root.clone(), tokens.clone());
+        let ver = drive(
+            server.addr,
+            conns,
+            Some(secs),
+            None,
+            Arc::new(move |i| verify(&r, &t[(i * 7919) as usize % t.len()])),
+        )
+        .await?;
+        let t = tokens.clone();
+        let me = drive(
+            server.addr,
+            conns,
+            Some(secs),
+            None,
+            Arc::new(move |i| get("/v1/me", Some(&t[(i * 7919) as usize % t.len()]))),
+        )
+        .await?;
+        for (name, run) in [
+            ("GET /healthz (static)", &stat),
+            ("POST /v1/keys/verify", &ver),
+            ("GET /v1/me", &me),
+        ] {
+            println!(
+                "| {conns} | {name} | {:.0} | {:.0}% | {:.2} | {:.2} | {:.2} | {} |",
+                run.rps(),
+                100.0 * run.rps() / stat.rps(),
+                run.ms(0.5),
+                run.ms(0.99),
+                run.ms(0.999),
+                run.errors
+            );
+        }
+    }
+    println!("\nRSS at the end: {:.0} MiB", rss_mib(pid).unwrap_or(0.0));
+    Ok(())
+}
