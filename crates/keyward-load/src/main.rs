@@ -206,13 +206,7 @@ async fn start(bin: &PathBuf, data: &std::path::Path) -> Result<(Server, Duratio
     let mut child = Command::new(bin)
         .args(["--log", "warn", "--data-dir"])
         .arg(data)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--failed-auth-per-minute",
-            "0",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
@@ -288,9 +282,11 @@ impl Run {
 /// stop (a deadline, or a request budget for the one-pass run).
 async fn drive(
     addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
     conns: usize,
     deadline: Option<Duration>,
     total: Option<u64>,
+    expect_status: u16,
     make: Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>,
 ) -> Result<Run, Failure> {
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -302,7 +298,16 @@ async fn drive(
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let (mut requests, mut errors) = (0u64, 0u64);
-            let stream = tokio::net::TcpStream::connect(addr).await?;
+            let expect = expect_status;
+            let stream = match source {
+                // Another loopback address, so the server sees a different client.
+                Some(ip) => {
+                    let socket = tokio::net::TcpSocket::new_v4()?;
+                    socket.bind(SocketAddr::new(ip, 0))?;
+                    socket.connect(addr).await?
+                }
+                None => tokio::net::TcpStream::connect(addr).await?,
+            };
             stream.set_nodelay(true)?;
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -317,7 +322,8 @@ async fn drive(
                 }
                 let t0 = Instant::now();
                 let resp = sender.send_request(make(i)).await?;
-                let ok = resp.status().as_u16() == 200;
+                let ok = resp.status().as_u16() == expect
+                    || (expect == 0 && resp.status().as_u16() >= 400);
                 resp.into_body().collect().await?;
                 hist.record(t0.elapsed().as_micros().max(1) as u64)?;
                 requests += 1;
@@ -379,9 +385,11 @@ async fn main() -> Result<(), Failure> {
     let (r2, t2) = (root.clone(), tokens.clone());
     let miss = drive(
         server.addr,
+        None,
         16,
         None,
         Some(tokens.len() as u64),
+        200,
         Arc::new(move |i| verify(&r2, &t2[i as usize % t2.len()])),
     )
     .await?;
@@ -400,27 +408,33 @@ async fn main() -> Result<(), Failure> {
     for &conns in &args.connections {
         let stat = drive(
             server.addr,
+            None,
             conns,
             Some(secs),
             None,
+            200,
             Arc::new(|_| get("/healthz", None)),
         )
         .await?;
         let (r, t) = (root.clone(), tokens.clone());
         let ver = drive(
             server.addr,
+            None,
             conns,
             Some(secs),
             None,
+            200,
             Arc::new(move |i| verify(&r, &t[(i * 7919) as usize % t.len()])),
         )
         .await?;
         let t = tokens.clone();
         let me = drive(
             server.addr,
+            None,
             conns,
             Some(secs),
             None,
+            200,
             Arc::new(move |i| get("/v1/me", Some(&t[(i * 7919) as usize % t.len()]))),
         )
         .await?;
@@ -441,5 +455,83 @@ async fn main() -> Result<(), Failure> {
         }
     }
     println!("\nRSS at the end: {:.0} MiB", rss_mib(pid).unwrap_or(0.0));
+
+    // A flood of random well-formed (valid checksum, never issued) tokens from 127.0.0.2 while
+    // valid keys are verified from 127.0.0.1: valid throughput against the same run without the
+    // flood, and how many flood tokens reached the store (cache misses) per distinct token.
+    let conns = 32;
+    let (r, t) = (root.clone(), tokens.clone());
+    let valid = move |i: u64| verify(&r, &t[(i * 7919) as usize % t.len()]);
+    let valid = Arc::new(valid);
+    let alone = drive(
+        server.addr,
+        None,
+        conns,
+        Some(secs),
+        None,
+        200,
+        valid.clone(),
+    )
+    .await?;
+    let misses_before = cache_misses(server.addr).await?;
+    let flood_addr: std::net::IpAddr = "127.0.0.2".parse()?;
+    let bogus = Arc::new(|_: u64| {
+        let t = token::generate(Environment::Live, TokenKind::Agent)
+            .map(|t| t.expose().to_string())
+            .unwrap_or_default();
+        get("/v1/me", Some(&t))
+    });
+    let flood = tokio::spawn(drive(
+        server.addr,
+        Some(flood_addr),
+        conns,
+        Some(secs),
+        None,
+        0,
+        bogus,
+    ));
+    let during = drive(server.addr, None, conns, Some(secs), None, 200, valid).await?;
+    let flood = flood.await??;
+    let misses = cache_misses(server.addr)
+        .await?
+        .saturating_sub(misses_before);
+    if std::env::var("KEYWARD_LOAD_DEBUG").is_ok() {
+        let (_, body) = fetch(server.addr, "/metrics").await?;
+        for l in body
+            .lines()
+            .filter(|l| l.contains("auth_failures") || l.contains("verify_cache"))
+        {
+            println!("  {l}");
+        }
+    }
+    println!(
+        "\nflood from 127.0.0.2 ({conns} conns): {:.0} req/s of unknown tokens ({} sent, {} reached the store)",
+        flood.rps(), flood.requests, misses
+    );
+    println!(
+        "valid verify from 127.0.0.1 ({conns} conns): {:.0} req/s alone, {:.0} req/s during the flood ({:.0}%), p99 {:.2} ms",
+        alone.rps(), during.rps(), 100.0 * during.rps() / alone.rps(), during.ms(0.99)
+    );
     Ok(())
+}
+
+async fn fetch(addr: SocketAddr, path: &str) -> Result<(u16, String), Failure> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let resp = sender.send_request(get(path, None)).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// The server's count of verify-cache misses (each is one store read), from `/metrics`.
+async fn cache_misses(addr: SocketAddr) -> Result<u64, Failure> {
+    let (_, text) = fetch(addr, "/metrics").await?;
+    Ok(text
+        .lines()
+        .find(|l| l.starts_with("keyward_verify_cache_total{result=\"miss\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64)
 }

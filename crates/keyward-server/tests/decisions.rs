@@ -143,3 +143,35 @@ async fn an_address_that_keeps_failing_is_throttled_then_recovers() {
         s.get("/v1/me", &key).await.assert_status(200);
     }
 }
+
+#[tokio::test]
+async fn well_formed_unknown_tokens_count_against_the_throttle_too() {
+    let s = TestServer::start_configured(|c| {
+        c.failed_auth_limit = Some(RateLimitSpec {
+            limit: 60,
+            period_s: 60,
+            burst: 3,
+        });
+    })
+    .await;
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        let t = keyward_core::token::generate(
+            keyward_core::token::Environment::Live,
+            keyward_core::token::TokenKind::Agent,
+        )
+        .unwrap();
+        codes.push(s.get("/v1/me", t.expose()).await.code().to_string());
+    }
+    assert_eq!(
+        codes,
+        [
+            "INVALID_API_KEY",
+            "INVALID_API_KEY",
+            "INVALID_API_KEY",
+            "RATE_LIMITED",
+            "RATE_LIMITED",
+            "RATE_LIMITED"
+        ]
+    );
+}
