@@ -685,3 +685,24 @@ async fn docs_is_an_html_reference_rendered_from_the_spec() {
         assert!(body.contains(p), "docs mention {p}");
     }
 }
+
+#[tokio::test]
+async fn a_store_that_went_away_answers_503_store_unavailable_without_internals() {
+    let s = TestServer::start().await;
+    s.get("/readyz", &s.root_key).await.assert_status(200);
+    s.store.close().await;
+    let ready = s.get("/readyz", &s.root_key).await;
+    ready.assert_error(503, "STORE_UNAVAILABLE");
+    // A token the cache has never seen needs the store: the same answer, with no SQL or paths.
+    let unseen = keyward_core::token::generate(
+        keyward_core::token::Environment::Live,
+        keyward_core::token::TokenKind::Agent,
+    )
+    .unwrap();
+    let r = s.get("/v1/me", unseen.expose()).await;
+    r.assert_error(503, "STORE_UNAVAILABLE");
+    let text = r.body.to_string().to_lowercase();
+    for leak in ["sqlite", "select", "pool", ".db", "sqlx"] {
+        assert!(!text.contains(leak), "the 503 leaks `{leak}`: {text}");
+    }
+}
