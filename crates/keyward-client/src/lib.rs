@@ -1,9 +1,17 @@
 //! The Rust SDK for Keyward.
 //!
 //! [`App`] is the operator client (a root key or any key with the right scopes): agents, keys,
-//! verify and audit. [`AgentClient`] is the workload client (an agent key): `me()` and deriving
-//! narrower keys. Both are thin, typed wrappers over the HTTP API in `../shared/API.md`; every
-//! failure comes back as one [`Error`] whose `Api` variant carries the contract's error code.
+//! verify and audit. [`AgentClient`] is the workload client (an agent key): `me()`, deriving
+//! narrower keys, [`AgentClient::trace`] scopes and [`AgentClient::with_constraints`]. Both are
+//! typed wrappers over the HTTP API in `../shared/API.md`, and every failure comes back as one
+//! [`Error`] whose `Api` variant carries the contract's error code.
+//!
+//! What the SDK does for you:
+//! - every creating call carries an `Idempotency-Key`, the same on each retry;
+//! - calls that are safe to repeat are retried on `429` (after the server's `retry_after`),
+//!   `503` and connection failures, with exponential backoff ([`RetryPolicy`]);
+//! - with a signing secret, every request is signed (`X-Timestamp`, `X-Signature`);
+//! - a deprecated key is flagged on every [`Response`] and logged as a `tracing` warning.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), keyward_client::Error> {
@@ -20,8 +28,14 @@
 use std::time::Duration;
 
 use reqwest::Method;
+
+mod constraints;
+mod trace;
+
+pub use constraints::Constraints;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+pub use trace::TraceContext;
 use uuid::Uuid;
 
 pub use keyward_proto as proto;
@@ -73,12 +87,57 @@ impl std::fmt::Debug for ApiKey {
     }
 }
 
+/// How calls that are safe to repeat are retried: on `429` (after the server's `retry_after`),
+/// `503` and connection failures, with exponential backoff.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (0 turns retrying off).
+    pub max_retries: u32,
+    /// The first backoff; doubled for each further retry.
+    pub base_delay: Duration,
+    /// The longest single wait, whatever `retry_after` says.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_retries: 3,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Whether a call may be repeated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Creates something: carries an `Idempotency-Key`, the same on every retry.
+    Create,
+    /// Safe to repeat as it is (reads, pause/resume, delete).
+    Idempotent,
+    /// Not repeated automatically (revocations, updates).
+    Once,
+}
+
 /// The HTTP transport shared by [`App`] and [`AgentClient`].
 #[derive(Debug, Clone)]
 struct Transport {
     http: reqwest::Client,
     base: String,
     key: ApiKey,
+    /// Signs every request when the key requires signatures (API.md §6.5).
+    signing_secret: Option<ApiKey>,
+    /// `Keyward-Constraints` for every request, when set.
+    constraints: Option<String>,
+    retry: RetryPolicy,
+    /// This client's agent id, recorded as the parent by traces opened inside its own.
+    agent_id: Option<String>,
+    /// The last timestamp signed for each identical request. A signature covers method, path,
+    /// timestamp and body only, so two identical requests in one second would sign the same and
+    /// the server would refuse the second as a replay; each repeat takes the next free second
+    /// instead (the server accepts 300 s either way).
+    signed_at: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, i64>>>,
 }
 
 /// A decoded success together with the response facts callers may care about.
@@ -111,30 +170,112 @@ impl Transport {
             http,
             base,
             key: ApiKey(api_key.trim().to_string()),
+            signing_secret: None,
+            constraints: None,
+            retry: RetryPolicy::default(),
+            agent_id: None,
+            signed_at: Default::default(),
         })
     }
 
+    /// The timestamp to sign an identical request with: `now`, or the second after the last one
+    /// used for it.
+    fn signing_second(&self, method: &str, path: &str, body: &[u8], now: i64) -> i64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (method, path, body).hash(&mut h);
+        let id = h.finish();
+        let mut used = self.signed_at.lock().unwrap_or_else(|e| e.into_inner());
+        if used.len() > 10_000 {
+            used.retain(|_, t| *t >= now - 300);
+        }
+        let ts = match used.get(&id) {
+            Some(last) if *last >= now => last + 1,
+            _ => now,
+        };
+        used.insert(id, ts);
+        ts
+    }
+
+    /// Sends one API call, retrying it when `kind` allows, and decodes the answer.
     async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<&B>,
-        idempotent_create: bool,
+        kind: Kind,
     ) -> Result<Response<T>> {
-        let mut rb = self
-            .http
-            .request(method, format!("{}{}", self.base, path))
-            .bearer_auth(&self.key.0);
-        if idempotent_create {
-            // Every creating call carries an Idempotency-Key, so a retry by the caller after a
-            // lost answer can never create the resource twice.
-            rb = rb.header("Idempotency-Key", Uuid::now_v7().to_string());
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| Error::Config(format!("cannot encode the request body: {e}")))?;
+        // Every creating call carries an Idempotency-Key, reused on each retry, so a retry after
+        // a lost answer can never create the resource twice.
+        let idempotency_key = (kind == Kind::Create).then(|| Uuid::now_v7().to_string());
+        let mut attempt = 0u32;
+        loop {
+            let mut rb = self
+                .http
+                .request(method.clone(), format!("{}{}", self.base, path))
+                .bearer_auth(&self.key.0);
+            if let Some(k) = &idempotency_key {
+                rb = rb.header("Idempotency-Key", k);
+            }
+            if let Some(c) = &self.constraints {
+                rb = rb.header("Keyward-Constraints", c);
+            }
+            for (name, value) in trace::headers() {
+                rb = rb.header(name, value);
+            }
+            let bytes = body.clone().unwrap_or_default();
+            if let Some(secret) = &self.signing_secret {
+                // A fresh signature per attempt: the server refuses a signature seen before.
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0);
+                let ts = self.signing_second(method.as_str(), path, &bytes, now);
+                let sig =
+                    keyward_core::token::sign_request(&secret.0, method.as_str(), path, ts, &bytes);
+                rb = rb
+                    .header("X-Timestamp", ts.to_string())
+                    .header("X-Signature", sig);
+            }
+            if body.is_some() {
+                rb = rb
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(bytes);
+            }
+            let may_retry = kind != Kind::Once && attempt < self.retry.max_retries;
+            let backoff = self
+                .retry
+                .base_delay
+                .saturating_mul(2u32.saturating_pow(attempt))
+                .min(self.retry.max_delay);
+            match rb.send().await {
+                Err(e) if may_retry && (e.is_connect() || e.is_timeout()) => {
+                    tokio::time::sleep(backoff).await;
+                }
+                Err(e) => return Err(e.into()),
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    if may_retry && (status == 429 || status == 503) {
+                        let told = resp
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<u64>().ok())
+                            .map(Duration::from_secs);
+                        let wait = told.unwrap_or(backoff).min(self.retry.max_delay);
+                        tracing::debug!(status, ?wait, attempt, path, "retrying");
+                        tokio::time::sleep(wait).await;
+                    } else {
+                        return decode(resp).await;
+                    }
+                }
+            }
+            attempt += 1;
         }
-        if let Some(b) = body {
-            rb = rb.json(b);
-        }
-        let resp = rb.send().await?;
-        decode(resp).await
     }
 }
 
@@ -147,6 +288,9 @@ async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> Result<Response
             .map(str::to_string)
     };
     let key_deprecated = header("keyward-key-deprecated").as_deref() == Some("true");
+    if key_deprecated {
+        tracing::warn!("the API key in use is deprecated; rotate it");
+    }
     let replayed = header("idempotent-replayed").as_deref() == Some("true");
     let request_id = header("x-request-id");
     let bytes = resp.bytes().await?;
@@ -213,6 +357,18 @@ impl App {
         self.org_id
     }
 
+    /// Signs every request with this secret (for a key created with `requires_signature`).
+    pub fn with_signing_secret(mut self, secret: &str) -> App {
+        self.t.signing_secret = Some(ApiKey(secret.to_string()));
+        self
+    }
+
+    /// Replaces the retry policy of calls that are safe to repeat.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> App {
+        self.t.retry = retry;
+        self
+    }
+
     pub fn agents(&self) -> Agents<'_> {
         Agents { app: self }
     }
@@ -233,7 +389,7 @@ impl App {
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         Ok(self
             .t
-            .call::<(), T>(Method::GET, path, None, false)
+            .call::<(), T>(Method::GET, path, None, Kind::Idempotent)
             .await?
             .body)
     }
@@ -267,7 +423,7 @@ impl Agents<'_> {
         Ok(self
             .app
             .t
-            .call(Method::POST, &path, Some(req), true)
+            .call(Method::POST, &path, Some(req), Kind::Create)
             .await?
             .body)
     }
@@ -333,17 +489,19 @@ impl Agents<'_> {
         Ok(self
             .app
             .t
-            .call(Method::PATCH, &path, Some(req), false)
+            .call(Method::PATCH, &path, Some(req), Kind::Once)
             .await?
             .body)
     }
 
     pub async fn pause(&self, id: Uuid) -> Result<proto::Agent> {
-        self.post_empty(&format!("/agents/{id}/pause")).await
+        self.post_empty(&format!("/agents/{id}/pause"), Kind::Idempotent)
+            .await
     }
 
     pub async fn resume(&self, id: Uuid) -> Result<proto::Agent> {
-        self.post_empty(&format!("/agents/{id}/resume")).await
+        self.post_empty(&format!("/agents/{id}/resume"), Kind::Idempotent)
+            .await
     }
 
     /// Tombstones the agent: every key of it stops working at once.
@@ -352,7 +510,7 @@ impl Agents<'_> {
         Ok(self
             .app
             .t
-            .call::<(), _>(Method::DELETE, &path, None, false)
+            .call::<(), _>(Method::DELETE, &path, None, Kind::Idempotent)
             .await?
             .body)
     }
@@ -366,7 +524,7 @@ impl Agents<'_> {
         Ok(self
             .app
             .t
-            .call(Method::POST, &path, Some(req), true)
+            .call(Method::POST, &path, Some(req), Kind::Create)
             .await?
             .body)
     }
@@ -382,13 +540,19 @@ impl Agents<'_> {
     }
 
     pub async fn deprecate_key(&self, agent_id: Uuid, key_id: Uuid) -> Result<proto::Key> {
-        self.post_empty(&format!("/agents/{agent_id}/keys/{key_id}/deprecate"))
-            .await
+        self.post_empty(
+            &format!("/agents/{agent_id}/keys/{key_id}/deprecate"),
+            Kind::Idempotent,
+        )
+        .await
     }
 
     pub async fn undeprecate_key(&self, agent_id: Uuid, key_id: Uuid) -> Result<proto::Key> {
-        self.post_empty(&format!("/agents/{agent_id}/keys/{key_id}/undeprecate"))
-            .await
+        self.post_empty(
+            &format!("/agents/{agent_id}/keys/{key_id}/undeprecate"),
+            Kind::Idempotent,
+        )
+        .await
     }
 
     /// Revokes a key of the agent (and its derived keys); `force` allows revoking the last one.
@@ -398,18 +562,19 @@ impl Agents<'_> {
         key_id: Uuid,
         force: bool,
     ) -> Result<proto::Key> {
-        self.post_empty(&format!(
-            "/agents/{agent_id}/keys/{key_id}/revoke?force={force}"
-        ))
+        self.post_empty(
+            &format!("/agents/{agent_id}/keys/{key_id}/revoke?force={force}"),
+            Kind::Once,
+        )
         .await
     }
 
-    async fn post_empty<T: DeserializeOwned>(&self, suffix: &str) -> Result<T> {
+    async fn post_empty<T: DeserializeOwned>(&self, suffix: &str, kind: Kind) -> Result<T> {
         let path = self.app.org_path(suffix);
         Ok(self
             .app
             .t
-            .call::<(), T>(Method::POST, &path, None, false)
+            .call::<(), T>(Method::POST, &path, None, kind)
             .await?
             .body)
     }
@@ -426,7 +591,7 @@ impl Keys<'_> {
     pub async fn derive(&self, req: &proto::DeriveKeyRequest) -> Result<proto::CreateKeyResponse> {
         Ok(self
             .t
-            .call(Method::POST, "/v1/keys/derive", Some(req), true)
+            .call(Method::POST, "/v1/keys/derive", Some(req), Kind::Create)
             .await?
             .body)
     }
@@ -444,7 +609,7 @@ impl Keys<'_> {
                 Method::POST,
                 &format!("/v1/keys/{key_id}/rotate"),
                 Some(&body),
-                true,
+                Kind::Create,
             )
             .await?
             .body)
@@ -454,7 +619,7 @@ impl Keys<'_> {
         let path = format!("/v1/keys/{key_id}/revoke?force={force}");
         Ok(self
             .t
-            .call::<(), _>(Method::POST, &path, None, false)
+            .call::<(), _>(Method::POST, &path, None, Kind::Once)
             .await?
             .body)
     }
@@ -462,7 +627,12 @@ impl Keys<'_> {
     pub async fn get(&self, key_id: Uuid) -> Result<proto::Key> {
         Ok(self
             .t
-            .call::<(), _>(Method::GET, &format!("/v1/keys/{key_id}"), None, false)
+            .call::<(), _>(
+                Method::GET,
+                &format!("/v1/keys/{key_id}"),
+                None,
+                Kind::Idempotent,
+            )
             .await?
             .body)
     }
@@ -474,7 +644,7 @@ impl Keys<'_> {
                 Method::PATCH,
                 &format!("/v1/keys/{key_id}"),
                 Some(req),
-                false,
+                Kind::Once,
             )
             .await?
             .body)
@@ -485,7 +655,7 @@ impl Keys<'_> {
     pub async fn verify(&self, req: &proto::VerifyRequest) -> Result<proto::VerifyResponse> {
         Ok(self
             .t
-            .call(Method::POST, "/v1/keys/verify", Some(req), false)
+            .call(Method::POST, "/v1/keys/verify", Some(req), Kind::Idempotent)
             .await?
             .body)
     }
@@ -562,19 +732,67 @@ impl AgentClient {
         })
     }
 
-    /// Configured from `KEYWARD_BASE_URL` (default `http://127.0.0.1:8470`) and `KEYWARD_API_KEY`.
+    /// Configured from `KEYWARD_BASE_URL` (default `http://127.0.0.1:8470`), `KEYWARD_API_KEY`
+    /// and, optionally, `KEYWARD_AGENT_ID`.
     pub fn from_env() -> Result<AgentClient> {
         let base =
             std::env::var("KEYWARD_BASE_URL").unwrap_or_else(|_| "http://127.0.0.1:8470".into());
         let key = std::env::var("KEYWARD_API_KEY")
             .map_err(|_| Error::Config("KEYWARD_API_KEY is not set".into()))?;
-        AgentClient::new(&base, &key)
+        let client = AgentClient::new(&base, &key)?;
+        Ok(match std::env::var("KEYWARD_AGENT_ID") {
+            Ok(id) if !id.trim().is_empty() => client.with_agent_id(id.trim()),
+            _ => client,
+        })
+    }
+
+    /// Records this client's agent id, so traces opened inside its own name it as their parent.
+    /// `from_env` reads it from `KEYWARD_AGENT_ID`.
+    pub fn with_agent_id(mut self, agent_id: impl Into<String>) -> AgentClient {
+        self.t.agent_id = Some(agent_id.into());
+        self
+    }
+
+    /// Signs every request with this secret (for a key created with `requires_signature`).
+    pub fn with_signing_secret(mut self, secret: &str) -> AgentClient {
+        self.t.signing_secret = Some(ApiKey(secret.to_string()));
+        self
+    }
+
+    /// Replaces the retry policy of calls that are safe to repeat.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> AgentClient {
+        self.t.retry = retry;
+        self
+    }
+
+    /// A client whose every request carries these constraints: its key can only do less
+    /// through it. Constraining a constrained client is refused (narrow once, explicitly).
+    pub fn with_constraints(&self, c: Constraints) -> Result<AgentClient> {
+        if self.t.constraints.is_some() {
+            return Err(Error::Config(
+                "this client is already constrained; build the narrower constraints from the original client".into(),
+            ));
+        }
+        let mut t = self.t.clone();
+        t.constraints = Some(c.header()?);
+        Ok(AgentClient { t })
+    }
+
+    /// Runs `f` with every call made inside it (by any client) carrying this trace context.
+    /// A trace opened inside another inherits its run and thread and records the outer agent
+    /// as its parent.
+    pub async fn trace<F: std::future::Future>(
+        &self,
+        ctx: TraceContext,
+        f: F,
+    ) -> Result<F::Output> {
+        trace::scope(ctx, self.t.agent_id.clone(), f).await
     }
 
     /// The calling agent and key (works while the agent is paused, for self-diagnosis).
     pub async fn me(&self) -> Result<Response<proto::MeResponse>> {
         self.t
-            .call::<(), _>(Method::GET, "/v1/me", None, false)
+            .call::<(), _>(Method::GET, "/v1/me", None, Kind::Idempotent)
             .await
     }
 
