@@ -3,11 +3,9 @@
 //! methods in the error shape.
 
 use std::sync::{OnceLock, RwLock};
-use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::State;
 use axum::http::{header, Method};
-use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use keyward_proto::{self as proto, ErrorCode};
@@ -111,18 +109,12 @@ fn route_handles(route: &str, method: &Method, status: u16) -> RouteHandles {
     h
 }
 
-/// Middleware counting requests and timing them by route template (never by raw path, so ids
-/// do not explode the label space).
-pub async fn track(req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let method = req.method().clone();
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let resp = next.run(req).await;
-    let route = route.as_ref().map(|p| p.as_str()).unwrap_or("unmatched");
-    let h = route_handles(route, &method, resp.status().as_u16());
+/// Counts and times one request by route template (never by raw path, so ids do not explode
+/// the label space).
+pub fn record(route: &str, method: &Method, status: u16, elapsed: std::time::Duration) {
+    let h = route_handles(route, method, status);
     h.requests.increment(1);
-    h.duration.record(start.elapsed().as_secs_f64());
-    resp
+    h.duration.record(elapsed.as_secs_f64());
 }
 
 /// Unknown routes: `404 NOT_FOUND` in the error shape.

@@ -18,8 +18,16 @@ pub fn current() -> String {
         .unwrap_or_else(|_| keyward_core::validate::new_request_id())
 }
 
-/// Middleware: picks the id, runs the request inside its scope, sets the response header.
+/// Middleware: picks the id, runs the request inside its scope, sets the response header, and
+/// counts and times the request for `/metrics` (one layer for both: every `from_fn` layer clones
+/// the inner service on each request).
 pub async fn middleware(req: Request, next: Next) -> Response {
+    let start = std::time::Instant::now();
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .cloned();
     let id = req
         .headers()
         .get("x-request-id")
@@ -31,5 +39,7 @@ pub async fn middleware(req: Request, next: Next) -> Response {
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
     }
+    let route = route.as_ref().map(|p| p.as_str()).unwrap_or("unmatched");
+    crate::ops::record(route, &method, resp.status().as_u16(), start.elapsed());
     resp
 }
