@@ -14,6 +14,7 @@ use keyward_core::token::TokenDigest;
 use uuid::Uuid;
 
 pub mod conformance;
+pub mod postgres;
 pub mod sqlite;
 
 /// What can go wrong in a store call, in domain words. Backends map their own errors (unique

@@ -1,5 +1,6 @@
-//! The `keyward` binary: `serve` runs the server (embedded SQLite by default), `init` and
-//! `orgs create` bootstrap orgs and print their root keys, `migrate` brings the schema up to date.
+//! The `keyward` binary: `serve` runs the server (embedded SQLite by default, PostgreSQL with
+//! `--database-url postgres://...`), `init` and `orgs create` bootstrap orgs and print their root
+//! keys, `migrate` brings the schema up to date.
 
 use std::io::Write;
 use std::path::Path;
@@ -10,6 +11,7 @@ use base64::Engine;
 use clap::{Parser, Subcommand};
 use keyward_core::clock::SystemClock;
 use keyward_server::{MasterKey, ServerConfig};
+use keyward_store::postgres::PostgresStore;
 use keyward_store::sqlite::SqliteStore;
 use keyward_store::Store;
 
@@ -170,12 +172,21 @@ fn print_org(json: bool, org_id: &str, name: &str, root_key: &str) {
 }
 
 /// Opens the configured store, creating the data dir (mode 0700) for the embedded one.
+///
+/// On PostgreSQL the data dir is still created (after the database answered, so a bad URL leaves
+/// nothing behind): it holds the master key file and the bootstrap root key, which never go into
+/// the database.
 async fn open_store(config: &Config) -> Result<Arc<dyn Store>, Failure> {
     if let Some(url) = &config.database_url {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Err(Failure(
-                "the PostgreSQL backend is not available in this build yet; omit --database-url to use the embedded store".into(),
-            ));
+            let store = PostgresStore::connect(url).await.map_err(|e| {
+                Failure(scrub_password(
+                    url,
+                    format!("cannot open PostgreSQL at {}: {e}", redact_url(url)),
+                ))
+            })?;
+            create_private_dir(&config.data_dir)?;
+            return Ok(Arc::new(store));
         }
         return Err(Failure(format!(
             "unsupported database URL `{}`: expected postgres://...",
@@ -185,6 +196,24 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, Failure> {
     create_private_dir(&config.data_dir)?;
     let store = SqliteStore::open(&config.data_dir.join("keyward.db")).await?;
     Ok(Arc::new(store))
+}
+
+/// Removes the URL's password from a message, in case a driver error ever quotes it.
+fn scrub_password(url: &str, msg: String) -> String {
+    let password = url
+        .find("://")
+        .and_then(|s| {
+            url.rfind('@')
+                .filter(|at| *at > s)
+                .map(|at| &url[s + 3..at])
+        })
+        .and_then(|userinfo| userinfo.split_once(':'))
+        .map(|(_, password)| password)
+        .filter(|p| !p.is_empty());
+    match password {
+        Some(p) => msg.replace(p, "***"),
+        None => msg,
+    }
 }
 
 /// Hides a password in a database URL before it is printed.

@@ -860,16 +860,28 @@ async fn after_a_graceful_stop_the_database_file_alone_holds_every_write() {
 }
 
 #[test]
-fn a_postgres_database_url_exits_1_saying_postgres_is_not_in_this_build() {
+fn a_postgres_database_url_that_cannot_be_reached_exits_1_without_printing_the_password() {
     let cwd = tempfile::tempdir().unwrap();
-    let url = "postgres://keyward:hunter2@db.example:5432/keyward";
+    // A port nobody listens on: bind one, note it, and let it go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://keyward:hunter2@127.0.0.1:{port}/keyward");
+    let started = Instant::now();
     let out =
-        run(keyward(cwd.path()).args(["--database-url", url, "serve", "--listen", "127.0.0.1:0"]));
+        run(keyward(cwd.path()).args(["--database-url", &url, "serve", "--listen", "127.0.0.1:0"]));
     assert_eq!(out.status.code(), Some(1), "stderr: {}", stderr_of(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "a refused connection must fail fast, took {:?}",
+        started.elapsed()
+    );
     let err = stderr_of(&out);
     assert!(
         err.contains("PostgreSQL"),
-        "stderr must say PostgreSQL is unavailable: {err}"
+        "stderr must say PostgreSQL could not be opened: {err}"
     );
     assert!(
         !err.contains("hunter2"),
@@ -881,7 +893,7 @@ fn a_postgres_database_url_exits_1_saying_postgres_is_not_in_this_build() {
     );
 
     let out = run(keyward(cwd.path())
-        .env("KEYWARD_DATABASE_URL", url)
+        .env("KEYWARD_DATABASE_URL", &url)
         .args(["init", "--json"]));
     assert_eq!(
         out.status.code(),
@@ -889,11 +901,85 @@ fn a_postgres_database_url_exits_1_saying_postgres_is_not_in_this_build() {
         "KEYWARD_DATABASE_URL selects it too: {}",
         stderr_of(&out)
     );
+    let err = stderr_of(&out);
+    assert!(err.contains("PostgreSQL"), "{err}");
     assert!(
-        stderr_of(&out).contains("PostgreSQL"),
-        "{}",
-        stderr_of(&out)
+        !err.contains("hunter2"),
+        "the password must never be printed: {err}"
     );
+}
+
+/// The test database's URL, or `None` (after saying so) when PostgreSQL tests should not run.
+fn test_database_url() -> Option<String> {
+    match std::env::var("KEYWARD_TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("KEYWARD_TEST_DATABASE_URL not set; skipping");
+            None
+        }
+    }
+}
+
+#[tokio::test]
+async fn serve_on_postgres_bootstraps_and_serves() {
+    use sqlx::Connection;
+    let Some(base) = test_database_url() else {
+        return;
+    };
+    // A fresh, empty schema, so serve runs the migrations and the bootstrap itself.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let schema = format!("kwt_cli_{}_{nanos}", std::process::id());
+    let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
+
+    let cwd = tempfile::tempdir().unwrap();
+    let server = Server::start(keyward(cwd.path()).args([
+        "--database-url",
+        &url,
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+    ]));
+    let key = server
+        .printed_root_key()
+        .unwrap_or_else(|| panic!("no kw_rk_ key on stdout: {:?}", server.banner));
+    assert_root_key_shape(&key);
+    let org_id = server
+        .printed_org_id()
+        .unwrap_or_else(|| panic!("no `Created org` line: {:?}", server.banner));
+    let (status, org) = get(&server, &format!("/v1/orgs/{org_id}"), Some(&key)).await;
+    assert_eq!(status, 200, "{org}");
+    assert_eq!(org["name"], "default", "{org}");
+    let (status, _) = get(&server, &format!("/v1/orgs/{org_id}"), None).await;
+    assert_eq!(status, 401, "no key, no org");
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = $1 \
+         AND table_name = 'keys'",
+    )
+    .bind(&schema)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(tables, 1, "the migrations must run in the URL's schema");
+    drop(server);
+
+    // Best effort: a leftover schema costs space, not correctness.
+    let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(&mut admin)
+        .await;
+    let _ = admin.close().await;
 }
 
 #[test]

@@ -1,0 +1,1206 @@
+//! The PostgreSQL backend: one database shared by every node, selected with `--database-url`.
+//!
+//! It mirrors the SQLite backend column for column (ids as UUID text, timestamps as Unix
+//! milliseconds, JSON as text) so both read back exactly the same values and the one conformance
+//! suite holds for both. What differs is how the rules are enforced: SQLite has a single writer,
+//! so its transactions never overlap; here many connections (and many nodes) write at once, so
+//! every rule that reads before it writes takes a row lock first:
+//!
+//! - the last-active-key guard and the revocation cascade lock the agent row (or, for a root key,
+//!   the org row) `FOR UPDATE`, so two revocations of one agent's keys run one after the other
+//!   and the second counts what the first left;
+//! - writes that refuse revoked agents (`insert_key`, `rotate_key`, `import_keys`, child agents)
+//!   lock the agent row `FOR SHARE`, and `update_agent` locks it `FOR UPDATE`, so a key cannot
+//!   slip in beside a concurrent revocation of its agent;
+//! - name uniqueness and idempotency claims are unique indexes, whose violations (SQLSTATE 23505)
+//!   are told apart by constraint name.
+//!
+//! Transactions run at READ COMMITTED (the default): each statement after a lock sees what the
+//! transaction that held the lock committed, which is what the guards above need.
+
+use std::borrow::Cow;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::DateTime;
+use keyward_core::model::{
+    Agent, AgentStatus, AgentType, AuditEvent, AuditFilter, IdempotencyRecord, Key, KeyFilter, Org,
+    Outcome, Page, Timestamp, TraceContext,
+};
+use keyward_core::scope::Scope;
+use keyward_core::token::{Environment, TokenDigest, TokenKind};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{ConnectOptions, Executor, Postgres, QueryBuilder, Row, Transaction};
+use uuid::Uuid;
+
+use crate::{
+    KeyWithAgent, Revoked, Store, StoreError, StoreResult, ThresholdAlert, UsageBucket, UsageDelta,
+};
+
+/// The migrations, embedded in the binary like SQLite's so a node needs nothing beside it.
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("migrations/0001_init.sql")),
+    (2, "usage", include_str!("migrations/0002_usage.sql")),
+];
+
+/// How many connections one node keeps: verifications hit the cache, so the store mostly sees
+/// writes and cache misses, and 16 covers bursts without crowding PostgreSQL's default limit
+/// (100) when several nodes share it.
+const POOL_SIZE: u32 = 16;
+
+/// How long a call waits for a connection before the store reports itself unavailable.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn migrator() -> Migrator {
+    let migrations: Vec<Migration> = MIGRATIONS
+        .iter()
+        .map(|(v, d, sql)| {
+            Migration::new(
+                *v,
+                Cow::Borrowed(*d),
+                MigrationType::Simple,
+                Cow::Borrowed(*sql),
+                false,
+            )
+        })
+        .collect();
+    Migrator {
+        migrations: Cow::Owned(migrations),
+        // Two nodes starting at once on an empty database: the advisory lock makes one apply
+        // the migrations while the other waits, then finds them applied.
+        locking: true,
+        ..Migrator::DEFAULT
+    }
+}
+
+/// The PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+const KEY_COLS: &str =
+    "k.id, k.org_id, k.agent_id, k.parent_key_id, k.kind, k.environment, k.name, \
+    k.start, k.digest, k.scopes, k.cidr_allowlist, k.rate_limit, k.quota, k.alert_thresholds, \
+    k.requires_signature, k.signing_secret_enc, k.expires_at, k.deprecated_at, k.revoked_at, \
+    k.successor_key_id, k.last_used_at, k.created_at, k.metadata";
+
+const AGENT_COLS: &str = "id, org_id, name, display_name, agent_type, status, scopes, metadata, \
+    policy, capabilities, did, owner_user_id, parent_agent_id, version, created_at, updated_at, \
+    revoked_at";
+
+const AUDIT_COLS: &str = "id, org_id, occurred_at, action, outcome, error_code, actor_key_id, \
+    actor_agent_id, target_type, target_id, client_ip, request_id, run_id, thread_id, \
+    parent_agent, traceparent, trace_meta, details";
+
+impl PostgresStore {
+    /// Connects to the database at `url` (`postgres://user:password@host:port/db?...`), opens a
+    /// pool and runs the migrations.
+    pub async fn connect(url: &str) -> StoreResult<PostgresStore> {
+        PostgresStore::open(parse_url(url)?).await
+    }
+
+    /// Like `connect`, but every pooled connection works in `schema` (created if missing): tests
+    /// give each store a fresh schema of one shared database so they never see each other's rows.
+    pub async fn connect_in_schema(url: &str, schema: &str) -> StoreResult<PostgresStore> {
+        let options = parse_url(url)?;
+        let mut conn = options.connect().await.map_err(map_err)?;
+        conn.execute(format!("CREATE SCHEMA IF NOT EXISTS {}", quote_ident(schema)).as_str())
+            .await
+            .map_err(map_err)?;
+        // Close politely; a failure here only loses a connection that is dropped anyway.
+        let _ = sqlx::Connection::close(conn).await;
+        PostgresStore::open(options.options([("search_path", schema)])).await
+    }
+
+    async fn open(options: PgConnectOptions) -> StoreResult<PostgresStore> {
+        // One direct connection first: the pool retries a refused connection until its acquire
+        // timeout and then reports only "pool timed out", while a node started against a wrong
+        // address should fail at once and say why. Later, while serving, the pool's retries are
+        // what we want (PostgreSQL restarting), so they stay.
+        let probe = options.connect().await.map_err(map_err)?;
+        // Closing politely only spares the server a log line; a failure changes nothing.
+        let _ = sqlx::Connection::close(probe).await;
+        let pool = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(map_err)?;
+        migrator().run(&pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(e) => match map_err(e) {
+                StoreError::Unavailable(m) => StoreError::Unavailable(m),
+                other => StoreError::Internal(format!("migration failed: {other}")),
+            },
+            e => StoreError::Internal(format!("migration failed: {e}")),
+        })?;
+        Ok(PostgresStore { pool })
+    }
+
+    async fn begin(&self) -> StoreResult<Transaction<'static, Postgres>> {
+        self.pool.begin().await.map_err(map_err)
+    }
+}
+
+/// Parses a database URL. The URL carries the password, so the error never repeats it.
+fn parse_url(url: &str) -> StoreResult<PgConnectOptions> {
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|_| StoreError::Internal("invalid PostgreSQL database URL".to_string()))?;
+    // Without this every start logs the server's NOTICEs (such as "relation _sqlx_migrations
+    // already exists, skipping") at info level; warnings and errors still come through.
+    Ok(options.options([("client_min_messages", "warning")]))
+}
+
+/// Quotes an SQL identifier (a schema name), doubling embedded quotes.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Maps sqlx errors to domain errors once, here.
+fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => match db.constraint() {
+            Some("agents_live_name") => StoreError::AgentNameExists,
+            Some("orgs_name_unique") => StoreError::OrgNameExists,
+            Some("idempotency_keys_pkey") => StoreError::IdempotencyKeyTaken,
+            _ => StoreError::Internal(db.message().to_string()),
+        },
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // Class 08: connection exceptions; 57P01-57P03: the server is shutting down or
+            // starting; 53300: too many connections; 40001/40P01: serialization failure or
+            // deadlock, which a retry resolves. All mean "try again", not "this is wrong".
+            if code.starts_with("08")
+                || code.starts_with("57P")
+                || code == "53300"
+                || code == "40001"
+                || code == "40P01"
+            {
+                StoreError::Unavailable(db.message().to_string())
+            } else {
+                StoreError::Internal(db.message().to_string())
+            }
+        }
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Internal(format!("corrupt stored value: {what}"))
+}
+
+fn ms(t: Timestamp) -> i64 {
+    t.timestamp_millis()
+}
+
+fn opt_ms(t: Option<Timestamp>) -> Option<i64> {
+    t.map(ms)
+}
+
+fn from_ms(v: i64) -> StoreResult<Timestamp> {
+    DateTime::from_timestamp_millis(v).ok_or_else(|| corrupt("timestamp"))
+}
+
+fn opt_from_ms(v: Option<i64>) -> StoreResult<Option<Timestamp>> {
+    v.map(from_ms).transpose()
+}
+
+fn uuid(s: &str) -> StoreResult<Uuid> {
+    Uuid::parse_str(s).map_err(|_| corrupt("uuid"))
+}
+
+fn opt_uuid(s: Option<String>) -> StoreResult<Option<Uuid>> {
+    s.as_deref().map(uuid).transpose()
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> StoreResult<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Internal(e.to_string()))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> StoreResult<T> {
+    serde_json::from_str(s).map_err(|_| corrupt(what))
+}
+
+fn get<'r, T>(row: &'r PgRow, col: &str) -> StoreResult<T>
+where
+    T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
+{
+    row.try_get(col).map_err(map_err)
+}
+
+fn row_to_org(row: &PgRow) -> StoreResult<Org> {
+    Ok(Org {
+        id: uuid(&get::<String>(row, "id")?)?,
+        name: get(row, "name")?,
+        policy: from_json(&get::<String>(row, "policy")?, "org policy")?,
+        created_at: from_ms(get(row, "created_at")?)?,
+    })
+}
+
+fn row_to_agent(row: &PgRow) -> StoreResult<Agent> {
+    Ok(Agent {
+        id: uuid(&get::<String>(row, "id")?)?,
+        org_id: uuid(&get::<String>(row, "org_id")?)?,
+        name: get(row, "name")?,
+        display_name: get(row, "display_name")?,
+        agent_type: AgentType::parse(&get::<String>(row, "agent_type")?)
+            .ok_or_else(|| corrupt("agent type"))?,
+        status: AgentStatus::parse(&get::<String>(row, "status")?)
+            .ok_or_else(|| corrupt("agent status"))?,
+        scopes: from_json(&get::<String>(row, "scopes")?, "agent scopes")?,
+        metadata: from_json(&get::<String>(row, "metadata")?, "agent metadata")?,
+        policy: from_json(&get::<String>(row, "policy")?, "agent policy")?,
+        capabilities: from_json(&get::<String>(row, "capabilities")?, "capabilities")?,
+        did: get(row, "did")?,
+        owner_user_id: opt_uuid(get(row, "owner_user_id")?)?,
+        parent_agent_id: opt_uuid(get(row, "parent_agent_id")?)?,
+        version: get(row, "version")?,
+        created_at: from_ms(get(row, "created_at")?)?,
+        updated_at: from_ms(get(row, "updated_at")?)?,
+        revoked_at: opt_from_ms(get(row, "revoked_at")?)?,
+    })
+}
+
+fn row_to_key(row: &PgRow) -> StoreResult<Key> {
+    let scopes: Vec<String> = from_json(&get::<String>(row, "scopes")?, "key scopes")?;
+    let scopes = scopes
+        .iter()
+        .map(|s| Scope::parse(s).map_err(|_| corrupt("key scope")))
+        .collect::<StoreResult<Vec<_>>>()?;
+    let cidrs: Vec<String> = from_json(&get::<String>(row, "cidr_allowlist")?, "allowlist")?;
+    let cidr_allowlist =
+        keyward_core::cidr::parse_allowlist(&cidrs).map_err(|_| corrupt("allowlist"))?;
+    let digest: Vec<u8> = get(row, "digest")?;
+    Ok(Key {
+        id: uuid(&get::<String>(row, "id")?)?,
+        org_id: uuid(&get::<String>(row, "org_id")?)?,
+        agent_id: opt_uuid(get(row, "agent_id")?)?,
+        parent_key_id: opt_uuid(get(row, "parent_key_id")?)?,
+        kind: TokenKind::parse(&get::<String>(row, "kind")?).ok_or_else(|| corrupt("kind"))?,
+        environment: Environment::parse(&get::<String>(row, "environment")?)
+            .ok_or_else(|| corrupt("environment"))?,
+        name: get(row, "name")?,
+        start: get(row, "start")?,
+        digest: TokenDigest::from_slice(&digest).ok_or_else(|| corrupt("digest"))?,
+        scopes,
+        cidr_allowlist,
+        rate_limit: get::<Option<String>>(row, "rate_limit")?
+            .map(|s| from_json(&s, "rate limit"))
+            .transpose()?,
+        quota: get::<Option<String>>(row, "quota")?
+            .map(|s| from_json(&s, "quota"))
+            .transpose()?,
+        alert_thresholds: from_json(&get::<String>(row, "alert_thresholds")?, "thresholds")?,
+        requires_signature: get::<bool>(row, "requires_signature")?,
+        signing_secret_enc: get(row, "signing_secret_enc")?,
+        expires_at: opt_from_ms(get(row, "expires_at")?)?,
+        deprecated_at: opt_from_ms(get(row, "deprecated_at")?)?,
+        revoked_at: opt_from_ms(get(row, "revoked_at")?)?,
+        successor_key_id: opt_uuid(get(row, "successor_key_id")?)?,
+        last_used_at: opt_from_ms(get(row, "last_used_at")?)?,
+        created_at: from_ms(get(row, "created_at")?)?,
+        metadata: from_json(&get::<String>(row, "metadata")?, "key metadata")?,
+    })
+}
+
+fn row_to_audit(row: &PgRow) -> StoreResult<AuditEvent> {
+    Ok(AuditEvent {
+        id: uuid(&get::<String>(row, "id")?)?,
+        org_id: uuid(&get::<String>(row, "org_id")?)?,
+        occurred_at: from_ms(get(row, "occurred_at")?)?,
+        action: get(row, "action")?,
+        outcome: Outcome::parse(&get::<String>(row, "outcome")?)
+            .ok_or_else(|| corrupt("outcome"))?,
+        error_code: get(row, "error_code")?,
+        actor_key_id: opt_uuid(get(row, "actor_key_id")?)?,
+        actor_agent_id: opt_uuid(get(row, "actor_agent_id")?)?,
+        target_type: get(row, "target_type")?,
+        target_id: opt_uuid(get(row, "target_id")?)?,
+        client_ip: get(row, "client_ip")?,
+        request_id: get(row, "request_id")?,
+        trace: TraceContext {
+            run_id: get(row, "run_id")?,
+            thread_id: get(row, "thread_id")?,
+            parent_agent: get(row, "parent_agent")?,
+            traceparent: get(row, "traceparent")?,
+            meta: from_json(&get::<String>(row, "trace_meta")?, "trace meta")?,
+        },
+        details: from_json(&get::<String>(row, "details")?, "audit details")?,
+    })
+}
+
+async fn insert_key_tx(tx: &mut Transaction<'static, Postgres>, k: &Key) -> StoreResult<()> {
+    let scopes: Vec<&str> = k.scopes.iter().map(|s| s.as_str()).collect();
+    let cidrs = keyward_core::cidr::to_strings(&k.cidr_allowlist);
+    sqlx::query(
+        "INSERT INTO keys (id, org_id, agent_id, parent_key_id, kind, environment, name, start, \
+         digest, scopes, cidr_allowlist, rate_limit, quota, alert_thresholds, requires_signature, \
+         signing_secret_enc, expires_at, deprecated_at, revoked_at, successor_key_id, \
+         last_used_at, created_at, metadata) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
+    )
+    .bind(k.id.to_string())
+    .bind(k.org_id.to_string())
+    .bind(k.agent_id.map(|u| u.to_string()))
+    .bind(k.parent_key_id.map(|u| u.to_string()))
+    .bind(k.kind.as_str())
+    .bind(k.environment.as_str())
+    .bind(&k.name)
+    .bind(&k.start)
+    .bind(k.digest.as_bytes())
+    .bind(to_json(&scopes)?)
+    .bind(to_json(&cidrs)?)
+    .bind(k.rate_limit.as_ref().map(to_json).transpose()?)
+    .bind(k.quota.as_ref().map(to_json).transpose()?)
+    .bind(to_json(&k.alert_thresholds)?)
+    .bind(k.requires_signature)
+    .bind(k.signing_secret_enc.as_deref())
+    .bind(opt_ms(k.expires_at))
+    .bind(opt_ms(k.deprecated_at))
+    .bind(opt_ms(k.revoked_at))
+    .bind(k.successor_key_id.map(|u| u.to_string()))
+    .bind(opt_ms(k.last_used_at))
+    .bind(ms(k.created_at))
+    .bind(to_json(&k.metadata)?)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+async fn insert_audit_tx(
+    tx: &mut Transaction<'static, Postgres>,
+    e: &AuditEvent,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO audit_events (id, org_id, occurred_at, action, outcome, error_code, \
+         actor_key_id, actor_agent_id, target_type, target_id, client_ip, request_id, run_id, \
+         thread_id, parent_agent, traceparent, trace_meta, details) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+    )
+    .bind(e.id.to_string())
+    .bind(e.org_id.to_string())
+    .bind(ms(e.occurred_at))
+    .bind(&e.action)
+    .bind(e.outcome.as_str())
+    .bind(&e.error_code)
+    .bind(e.actor_key_id.map(|u| u.to_string()))
+    .bind(e.actor_agent_id.map(|u| u.to_string()))
+    .bind(&e.target_type)
+    .bind(e.target_id.map(|u| u.to_string()))
+    .bind(&e.client_ip)
+    .bind(&e.request_id)
+    .bind(&e.trace.run_id)
+    .bind(&e.trace.thread_id)
+    .bind(&e.trace.parent_agent)
+    .bind(&e.trace.traceparent)
+    .bind(to_json(&e.trace.meta)?)
+    .bind(to_json(&e.details)?)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+/// Claims an idempotency key inside the creating transaction. An expired record (older than 24
+/// hours) is replaced; a live one makes the insert fail with `IdempotencyKeyTaken`.
+async fn insert_idem_tx(
+    tx: &mut Transaction<'static, Postgres>,
+    r: &IdempotencyRecord,
+) -> StoreResult<()> {
+    let cutoff = ms(r.created_at) - crate::IDEMPOTENCY_TTL_MS;
+    sqlx::query(
+        "DELETE FROM idempotency_keys WHERE org_id = $1 AND idem_key = $2 AND created_at < $3",
+    )
+    .bind(r.org_id.to_string())
+    .bind(&r.key)
+    .bind(cutoff)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    sqlx::query(
+        "INSERT INTO idempotency_keys (org_id, idem_key, request_hash, status, response, \
+         agent_id, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(r.org_id.to_string())
+    .bind(&r.key)
+    .bind(&r.request_hash[..])
+    .bind(r.status as i64)
+    .bind(to_json(&r.response)?)
+    .bind(r.agent_id.map(|u| u.to_string()))
+    .bind(ms(r.created_at))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    Ok(())
+}
+
+/// The agent's status, read under a share lock: a concurrent `update_agent` or revocation of the
+/// agent (which lock it for update) waits for this transaction, and this one sees theirs.
+async fn agent_status_tx(
+    tx: &mut Transaction<'static, Postgres>,
+    agent_id: Uuid,
+) -> StoreResult<Option<AgentStatus>> {
+    let row = sqlx::query("SELECT status FROM agents WHERE id = $1 FOR SHARE")
+        .bind(agent_id.to_string())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    row.map(|r| {
+        AgentStatus::parse(&get::<String>(&r, "status")?).ok_or_else(|| corrupt("agent status"))
+    })
+    .transpose()
+}
+
+/// A key read inside a transaction; `lock` is appended to the query (`""`, `" FOR SHARE"` or
+/// `" FOR UPDATE"`).
+async fn key_tx(
+    tx: &mut Transaction<'static, Postgres>,
+    id: Uuid,
+    lock: &str,
+) -> StoreResult<Option<Key>> {
+    let row = sqlx::query(&format!(
+        "SELECT {KEY_COLS} FROM keys k WHERE k.id = $1{lock}"
+    ))
+    .bind(id.to_string())
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    row.as_ref().map(row_to_key).transpose()
+}
+
+/// The ids of a key's live derived descendants (children, grandchildren, ...), sorted.
+async fn live_descendants_tx(
+    tx: &mut Transaction<'static, Postgres>,
+    key_id: Uuid,
+) -> StoreResult<Vec<Uuid>> {
+    let rows = sqlx::query(
+        "WITH RECURSIVE d(id) AS ( \
+           SELECT id FROM keys WHERE parent_key_id = $1 \
+           UNION SELECT k.id FROM keys k JOIN d ON k.parent_key_id = d.id) \
+         SELECT keys.id FROM keys JOIN d ON keys.id = d.id WHERE keys.revoked_at IS NULL \
+         ORDER BY keys.id",
+    )
+    .bind(key_id.to_string())
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    rows.iter()
+        .map(|r| uuid(&get::<String>(r, "id")?))
+        .collect()
+}
+
+/// Ids as a text array, for `= ANY($n)`.
+fn ids(ids: &[Uuid]) -> Vec<String> {
+    ids.iter().map(|u| u.to_string()).collect()
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    /// Closes the pool, waiting for connections in use to come back, so the server ends its
+    /// sessions instead of seeing them dropped.
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(())
+    }
+
+    async fn first_org(&self) -> StoreResult<Option<Org>> {
+        let row = sqlx::query("SELECT * FROM orgs ORDER BY created_at, id LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(row_to_org).transpose()
+    }
+
+    async fn create_org(&self, org: &Org, root_key: &Key, audit: &AuditEvent) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("INSERT INTO orgs (id, name, policy, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(org.id.to_string())
+            .bind(&org.name)
+            .bind(to_json(&org.policy)?)
+            .bind(ms(org.created_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        insert_key_tx(&mut tx, root_key).await?;
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn get_org(&self, id: Uuid) -> StoreResult<Option<Org>> {
+        let row = sqlx::query("SELECT * FROM orgs WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(row_to_org).transpose()
+    }
+
+    async fn update_org(&self, org: &Org, audit: &AuditEvent) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let res = sqlx::query("UPDATE orgs SET name = $1, policy = $2 WHERE id = $3")
+            .bind(&org.name)
+            .bind(to_json(&org.policy)?)
+            .bind(org.id.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn create_agent(
+        &self,
+        a: &Agent,
+        key: &Key,
+        audit: &[AuditEvent],
+        idem: Option<&IdempotencyRecord>,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        if let Some(r) = idem {
+            insert_idem_tx(&mut tx, r).await?;
+        }
+        if let Some(parent) = a.parent_agent_id {
+            match agent_status_tx(&mut tx, parent).await? {
+                Some(AgentStatus::Active) => {}
+                Some(_) => return Err(StoreError::AgentRevoked),
+                None => return Err(StoreError::NotFound),
+            }
+        }
+        sqlx::query(&format!(
+            "INSERT INTO agents ({AGENT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+        ))
+        .bind(a.id.to_string())
+        .bind(a.org_id.to_string())
+        .bind(&a.name)
+        .bind(&a.display_name)
+        .bind(a.agent_type.as_str())
+        .bind(a.status.as_str())
+        .bind(to_json(&a.scopes)?)
+        .bind(to_json(&a.metadata)?)
+        .bind(to_json(&a.policy)?)
+        .bind(to_json(&a.capabilities)?)
+        .bind(&a.did)
+        .bind(a.owner_user_id.map(|u| u.to_string()))
+        .bind(a.parent_agent_id.map(|u| u.to_string()))
+        .bind(a.version)
+        .bind(ms(a.created_at))
+        .bind(ms(a.updated_at))
+        .bind(opt_ms(a.revoked_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_key_tx(&mut tx, key).await?;
+        for e in audit {
+            insert_audit_tx(&mut tx, e).await?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn get_agent(&self, org_id: Uuid, id: Uuid) -> StoreResult<Option<Agent>> {
+        let row = sqlx::query(&format!(
+            "SELECT {AGENT_COLS} FROM agents WHERE org_id = $1 AND id = $2"
+        ))
+        .bind(org_id.to_string())
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(row_to_agent).transpose()
+    }
+
+    async fn get_agent_by_name(&self, org_id: Uuid, name: &str) -> StoreResult<Option<Agent>> {
+        let row = sqlx::query(&format!(
+            "SELECT {AGENT_COLS} FROM agents WHERE org_id = $1 AND name = $2 AND status <> 'revoked'"
+        ))
+        .bind(org_id.to_string())
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        row.as_ref().map(row_to_agent).transpose()
+    }
+
+    async fn list_agents(
+        &self,
+        org_id: Uuid,
+        include_revoked: bool,
+        page: Page,
+    ) -> StoreResult<Vec<Agent>> {
+        let filter = if include_revoked {
+            ""
+        } else {
+            "AND status <> 'revoked'"
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT {AGENT_COLS} FROM agents WHERE org_id = $1 {filter} \
+             ORDER BY created_at, id LIMIT $2 OFFSET $3"
+        ))
+        .bind(org_id.to_string())
+        .bind(page.limit as i64 + 1)
+        .bind(page.offset as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(row_to_agent).collect()
+    }
+
+    async fn update_agent(
+        &self,
+        a: &Agent,
+        expected_version: i64,
+        audit: &AuditEvent,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let current = sqlx::query(
+            "SELECT status, version FROM agents WHERE org_id = $1 AND id = $2 FOR UPDATE",
+        )
+        .bind(a.org_id.to_string())
+        .bind(a.id.to_string())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?
+        .ok_or(StoreError::NotFound)?;
+        if get::<String>(&current, "status")? == "revoked" {
+            return Err(StoreError::AgentRevoked);
+        }
+        if get::<i64>(&current, "version")? != expected_version {
+            return Err(StoreError::Conflict);
+        }
+        sqlx::query(
+            "UPDATE agents SET display_name = $1, status = $2, scopes = $3, metadata = $4, policy = $5, \
+             capabilities = $6, did = $7, version = $8, updated_at = $9, revoked_at = $10 \
+             WHERE id = $11 AND version = $12",
+        )
+        .bind(&a.display_name)
+        .bind(a.status.as_str())
+        .bind(to_json(&a.scopes)?)
+        .bind(to_json(&a.metadata)?)
+        .bind(to_json(&a.policy)?)
+        .bind(to_json(&a.capabilities)?)
+        .bind(&a.did)
+        .bind(a.version)
+        .bind(ms(a.updated_at))
+        .bind(opt_ms(a.revoked_at))
+        .bind(a.id.to_string())
+        .bind(expected_version)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn insert_key(
+        &self,
+        key: &Key,
+        audit: &AuditEvent,
+        idem: Option<&IdempotencyRecord>,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        if let Some(r) = idem {
+            insert_idem_tx(&mut tx, r).await?;
+        }
+        if let Some(agent_id) = key.agent_id {
+            match agent_status_tx(&mut tx, agent_id).await? {
+                Some(AgentStatus::Revoked) => return Err(StoreError::AgentRevoked),
+                Some(_) => {}
+                None => return Err(StoreError::NotFound),
+            }
+        }
+        if let Some(parent) = key.parent_key_id {
+            // A share lock on the parent makes a concurrent revocation of it wait for this insert
+            // (and cascade to the new key) or this insert see the revocation.
+            let p = key_tx(&mut tx, parent, " FOR SHARE")
+                .await?
+                .ok_or(StoreError::NotFound)?;
+            if p.revoked_at.is_some() {
+                return Err(StoreError::KeyAlreadyRevoked);
+            }
+        }
+        insert_key_tx(&mut tx, key).await?;
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn import_keys(&self, keys: &[Key], audit: &AuditEvent) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let mut checked: Vec<Uuid> = Vec::new();
+        for k in keys {
+            if let Some(agent_id) = k.agent_id {
+                if !checked.contains(&agent_id) {
+                    match agent_status_tx(&mut tx, agent_id).await? {
+                        Some(AgentStatus::Revoked) => return Err(StoreError::AgentRevoked),
+                        Some(_) => checked.push(agent_id),
+                        None => return Err(StoreError::NotFound),
+                    }
+                }
+            }
+            insert_key_tx(&mut tx, k).await?;
+        }
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn get_key(&self, id: Uuid) -> StoreResult<Option<Key>> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLS} FROM keys k WHERE k.id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(row_to_key).transpose()
+    }
+
+    async fn find_key_by_digest(&self, digest: &TokenDigest) -> StoreResult<Option<KeyWithAgent>> {
+        let row = sqlx::query(&format!(
+            "SELECT {KEY_COLS}, a.status AS agent_status, a.name AS agent_name, \
+             a.policy AS agent_policy, \
+             o.policy AS org_policy FROM keys k JOIN orgs o ON o.id = k.org_id \
+             LEFT JOIN agents a ON a.id = k.agent_id WHERE k.digest = $1"
+        ))
+        .bind(digest.as_bytes())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        match row {
+            None => Ok(None),
+            Some(row) => {
+                let key = row_to_key(&row)?;
+                let agent_status = get::<Option<String>>(&row, "agent_status")?
+                    .map(|s| AgentStatus::parse(&s).ok_or_else(|| corrupt("agent status")))
+                    .transpose()?;
+                let agent_policy = get::<Option<String>>(&row, "agent_policy")?
+                    .map(|s| from_json(&s, "agent policy"))
+                    .transpose()?;
+                let org_policy = from_json(&get::<String>(&row, "org_policy")?, "org policy")?;
+                Ok(Some(KeyWithAgent {
+                    key,
+                    agent_status,
+                    agent_name: get(&row, "agent_name")?,
+                    agent_policy,
+                    org_policy,
+                }))
+            }
+        }
+    }
+
+    async fn list_keys(
+        &self,
+        org_id: Uuid,
+        filter: &KeyFilter,
+        page: Page,
+    ) -> StoreResult<Vec<Key>> {
+        let mut q: QueryBuilder<Postgres> =
+            QueryBuilder::new(format!("SELECT {KEY_COLS} FROM keys k WHERE k.org_id = "));
+        q.push_bind(org_id.to_string());
+        if let Some(a) = filter.agent_id {
+            q.push(" AND k.agent_id = ").push_bind(a.to_string());
+        }
+        if let Some(kind) = filter.kind {
+            q.push(" AND k.kind = ").push_bind(kind.as_str());
+        }
+        if !filter.include_revoked {
+            q.push(" AND k.revoked_at IS NULL");
+        }
+        q.push(" ORDER BY k.created_at, k.id LIMIT ")
+            .push_bind(page.limit as i64 + 1)
+            .push(" OFFSET ")
+            .push_bind(page.offset as i64);
+        let rows = q.build().fetch_all(&self.pool).await.map_err(map_err)?;
+        rows.iter().map(row_to_key).collect()
+    }
+
+    async fn update_key(&self, k: &Key, audit: &AuditEvent) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        let cidrs = keyward_core::cidr::to_strings(&k.cidr_allowlist);
+        let res = sqlx::query(
+            "UPDATE keys SET name = $1, cidr_allowlist = $2, rate_limit = $3, quota = $4, \
+             alert_thresholds = $5, metadata = $6, deprecated_at = $7 \
+             WHERE id = $8 AND revoked_at IS NULL",
+        )
+        .bind(&k.name)
+        .bind(to_json(&cidrs)?)
+        .bind(k.rate_limit.as_ref().map(to_json).transpose()?)
+        .bind(k.quota.as_ref().map(to_json).transpose()?)
+        .bind(to_json(&k.alert_thresholds)?)
+        .bind(to_json(&k.metadata)?)
+        .bind(opt_ms(k.deprecated_at))
+        .bind(k.id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if res.rows_affected() == 0 {
+            return match key_tx(&mut tx, k.id, "").await? {
+                None => Err(StoreError::NotFound),
+                Some(_) => Err(StoreError::KeyAlreadyRevoked),
+            };
+        }
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn revoke_key(
+        &self,
+        key_id: Uuid,
+        now: Timestamp,
+        force: bool,
+        audit: &AuditEvent,
+    ) -> StoreResult<Revoked> {
+        let mut tx = self.begin().await?;
+        // First find whose key it is (unlocked), then lock the owner: the agent row, or for a key
+        // without an agent (root keys and what derives from them) the org row. Every revocation
+        // in one agent or org therefore runs after the previous one committed, and the guard
+        // below counts what that one left.
+        let key = key_tx(&mut tx, key_id, "")
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let agent_status = match key.agent_id {
+            Some(agent_id) => {
+                let row = sqlx::query("SELECT status FROM agents WHERE id = $1 FOR UPDATE")
+                    .bind(agent_id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                row.map(|r| {
+                    AgentStatus::parse(&get::<String>(&r, "status")?)
+                        .ok_or_else(|| corrupt("agent status"))
+                })
+                .transpose()?
+            }
+            None => {
+                sqlx::query("SELECT id FROM orgs WHERE id = $1 FOR UPDATE")
+                    .bind(key.org_id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                None
+            }
+        };
+        // Lock the key itself and read it again: a derived key being inserted under it holds a
+        // share lock on it, so it either commits first (and is found by the cascade below) or
+        // sees this revocation. The re-read also sees a revocation that committed meanwhile.
+        let key = key_tx(&mut tx, key_id, " FOR UPDATE")
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        if key.revoked_at.is_some() {
+            return Err(StoreError::KeyAlreadyRevoked);
+        }
+        // Find the live descendants and lock them, until no new one appears: a grandchild
+        // inserted under a child while we looked is caught by the next round.
+        let mut cascaded = live_descendants_tx(&mut tx, key_id).await?;
+        loop {
+            sqlx::query("SELECT id FROM keys WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+                .bind(ids(&cascaded))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            let again = live_descendants_tx(&mut tx, key_id).await?;
+            if again == cascaded {
+                break;
+            }
+            cascaded = again;
+        }
+        let mut all = cascaded.clone();
+        all.push(key_id);
+        if !force {
+            // Count what would stay live once the key and its cascade are revoked.
+            let remaining: i64 = match key.agent_id {
+                // The agent is already a tombstone: the guard has nothing to protect.
+                Some(_) if agent_status == Some(AgentStatus::Revoked) => 1,
+                Some(agent_id) => {
+                    let row = sqlx::query(
+                        "SELECT COUNT(*) AS n FROM keys WHERE agent_id = $1 \
+                         AND revoked_at IS NULL AND NOT (id = ANY($2))",
+                    )
+                    .bind(agent_id.to_string())
+                    .bind(ids(&all))
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                    get(&row, "n")?
+                }
+                None if key.kind == TokenKind::Root => {
+                    let row = sqlx::query(
+                        "SELECT COUNT(*) AS n FROM keys WHERE org_id = $1 AND kind = 'root' \
+                         AND revoked_at IS NULL AND NOT (id = ANY($2))",
+                    )
+                    .bind(key.org_id.to_string())
+                    .bind(ids(&all))
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                    get(&row, "n")?
+                }
+                None => 1,
+            };
+            if remaining == 0 {
+                return Err(StoreError::LastActiveKey);
+            }
+        }
+        sqlx::query("UPDATE keys SET revoked_at = $1 WHERE revoked_at IS NULL AND id = ANY($2)")
+            .bind(ms(now))
+            .bind(ids(&all))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        insert_audit_tx(&mut tx, audit).await?;
+        let key = key_tx(&mut tx, key_id, "")
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Revoked { key, cascaded })
+    }
+
+    async fn rotate_key(
+        &self,
+        old: &Key,
+        successor: &Key,
+        audit: &AuditEvent,
+        idem: Option<&IdempotencyRecord>,
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        if let Some(r) = idem {
+            insert_idem_tx(&mut tx, r).await?;
+        }
+        if let Some(agent_id) = successor.agent_id {
+            if agent_status_tx(&mut tx, agent_id).await? == Some(AgentStatus::Revoked) {
+                return Err(StoreError::AgentRevoked);
+            }
+        }
+        insert_key_tx(&mut tx, successor).await?;
+        let res = sqlx::query(
+            "UPDATE keys SET deprecated_at = $1, expires_at = $2, successor_key_id = $3 \
+             WHERE id = $4 AND revoked_at IS NULL",
+        )
+        .bind(opt_ms(old.deprecated_at))
+        .bind(opt_ms(old.expires_at))
+        .bind(old.successor_key_id.map(|u| u.to_string()))
+        .bind(old.id.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if res.rows_affected() == 0 {
+            return Err(StoreError::KeyAlreadyRevoked);
+        }
+        insert_audit_tx(&mut tx, audit).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn append_audit(&self, events: &[AuditEvent]) -> StoreResult<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        for e in events {
+            insert_audit_tx(&mut tx, e).await?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn list_audit(
+        &self,
+        org_id: Uuid,
+        f: &AuditFilter,
+        page: Page,
+    ) -> StoreResult<Vec<AuditEvent>> {
+        let mut q: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+            "SELECT {AUDIT_COLS} FROM audit_events WHERE org_id = "
+        ));
+        q.push_bind(org_id.to_string());
+        if let Some(a) = &f.action {
+            q.push(" AND action = ").push_bind(a.clone());
+        }
+        if let Some(a) = f.agent_id {
+            q.push(" AND (actor_agent_id = ")
+                .push_bind(a.to_string())
+                .push(" OR target_id = ")
+                .push_bind(a.to_string())
+                .push(")");
+        }
+        if let Some(k) = f.key_id {
+            q.push(" AND (actor_key_id = ")
+                .push_bind(k.to_string())
+                .push(" OR target_id = ")
+                .push_bind(k.to_string())
+                .push(")");
+        }
+        if let Some(r) = &f.run_id {
+            q.push(" AND run_id = ").push_bind(r.clone());
+        }
+        if let Some(t) = &f.thread_id {
+            q.push(" AND thread_id = ").push_bind(t.clone());
+        }
+        if let Some(o) = f.outcome {
+            q.push(" AND outcome = ").push_bind(o.as_str());
+        }
+        if let Some(s) = f.since {
+            q.push(" AND occurred_at >= ").push_bind(ms(s));
+        }
+        if let Some(u) = f.until {
+            q.push(" AND occurred_at < ").push_bind(ms(u));
+        }
+        q.push(" ORDER BY occurred_at DESC, id DESC LIMIT ")
+            .push_bind(page.limit as i64 + 1)
+            .push(" OFFSET ")
+            .push_bind(page.offset as i64);
+        let rows = q.build().fetch_all(&self.pool).await.map_err(map_err)?;
+        rows.iter().map(row_to_audit).collect()
+    }
+
+    async fn get_idempotency(
+        &self,
+        org_id: Uuid,
+        key: &str,
+    ) -> StoreResult<Option<IdempotencyRecord>> {
+        let row = sqlx::query(
+            "SELECT request_hash, status, response, agent_id, created_at FROM idempotency_keys \
+             WHERE org_id = $1 AND idem_key = $2",
+        )
+        .bind(org_id.to_string())
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        let Some(row) = row else { return Ok(None) };
+        let hash: Vec<u8> = get(&row, "request_hash")?;
+        let request_hash: [u8; 32] = hash.try_into().map_err(|_| corrupt("request hash"))?;
+        Ok(Some(IdempotencyRecord {
+            org_id,
+            key: key.to_string(),
+            request_hash,
+            status: u16::try_from(get::<i64>(&row, "status")?).map_err(|_| corrupt("status"))?,
+            response: from_json(&get::<String>(&row, "response")?, "stored response")?,
+            agent_id: opt_uuid(get(&row, "agent_id")?)?,
+            created_at: from_ms(get(&row, "created_at")?)?,
+        }))
+    }
+
+    async fn record_usage(
+        &self,
+        deltas: &[UsageDelta],
+        last_used: &[(Uuid, Timestamp)],
+        alerts: &[ThresholdAlert],
+    ) -> StoreResult<()> {
+        if deltas.is_empty() && last_used.is_empty() && alerts.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        // Rows are touched in one fixed order (key, then hour) so two nodes flushing overlapping
+        // counters wait for each other instead of deadlocking.
+        let mut deltas: Vec<&UsageDelta> = deltas.iter().collect();
+        deltas.sort_by_key(|d| (d.key_id, d.hour));
+        let mut last_used: Vec<&(Uuid, Timestamp)> = last_used.iter().collect();
+        last_used.sort_by_key(|(id, _)| *id);
+        for d in deltas {
+            sqlx::query(
+                "INSERT INTO usage_hourly (key_id, org_id, hour_start, allowed, denied, rate_limited) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key_id, hour_start) DO UPDATE SET \
+                 allowed = usage_hourly.allowed + excluded.allowed, \
+                 denied = usage_hourly.denied + excluded.denied, \
+                 rate_limited = usage_hourly.rate_limited + excluded.rate_limited",
+            )
+            .bind(d.key_id.to_string())
+            .bind(d.org_id.to_string())
+            .bind(ms(d.hour))
+            .bind(d.allowed as i64)
+            .bind(d.denied as i64)
+            .bind(d.rate_limited as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for (key_id, at) in last_used {
+            sqlx::query(
+                "UPDATE keys SET last_used_at = $1 WHERE id = $2 \
+                 AND (last_used_at IS NULL OR last_used_at < $3)",
+            )
+            .bind(ms(*at))
+            .bind(key_id.to_string())
+            .bind(ms(*at))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for a in alerts {
+            let res = sqlx::query(
+                "INSERT INTO quota_alerts (key_id, period_start, threshold) VALUES ($1, $2, $3) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(a.key_id.to_string())
+            .bind(ms(a.period_start))
+            .bind(a.threshold as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            if res.rows_affected() == 1 {
+                insert_audit_tx(&mut tx, &a.event).await?;
+            }
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn usage_hours(
+        &self,
+        key_id: Uuid,
+        since: Timestamp,
+        until: Timestamp,
+    ) -> StoreResult<Vec<UsageBucket>> {
+        let rows = sqlx::query(
+            "SELECT hour_start, allowed, denied, rate_limited FROM usage_hourly \
+             WHERE key_id = $1 AND hour_start >= $2 AND hour_start < $3 ORDER BY hour_start",
+        )
+        .bind(key_id.to_string())
+        .bind(ms(since))
+        .bind(ms(until))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageBucket {
+                    start: from_ms(get(r, "hour_start")?)?,
+                    allowed: get::<i64>(r, "allowed")?.max(0) as u64,
+                    denied: get::<i64>(r, "denied")?.max(0) as u64,
+                    rate_limited: get::<i64>(r, "rate_limited")?.max(0) as u64,
+                })
+            })
+            .collect()
+    }
+
+    async fn allowed_between(
+        &self,
+        key_id: Uuid,
+        since: Timestamp,
+        until: Timestamp,
+    ) -> StoreResult<u64> {
+        let row = sqlx::query(
+            "SELECT COALESCE(SUM(allowed), 0)::BIGINT AS n FROM usage_hourly \
+             WHERE key_id = $1 AND hour_start >= $2 AND hour_start < $3",
+        )
+        .bind(key_id.to_string())
+        .bind(ms(since))
+        .bind(ms(until))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(get::<i64>(&row, "n")?.max(0) as u64)
+    }
+}
