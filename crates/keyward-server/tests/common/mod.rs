@@ -25,6 +25,8 @@ pub struct TestServer {
     pub store: Arc<dyn Store>,
     pub http: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
+    /// (database URL, schema) when running on PostgreSQL.
+    pg_schema: Option<(String, String)>,
     _dir: TempDir,
 }
 
@@ -103,11 +105,27 @@ impl TestServer {
     /// Starts a server after `configure` adjusted its settings.
     pub async fn start_configured(configure: impl FnOnce(&mut ServerConfig)) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&dir.path().join("keyward.db"))
-                .await
-                .unwrap(),
-        );
+        // With KEYWARD_TEST_DATABASE_URL set, every HTTP test runs on PostgreSQL, in a fresh
+        // schema dropped when the server is; otherwise on SQLite in a temp dir.
+        let (store, pg_schema): (Arc<dyn Store>, Option<(String, String)>) =
+            match std::env::var("KEYWARD_TEST_DATABASE_URL") {
+                Ok(url) if !url.is_empty() => {
+                    let schema = format!("kwh_{}", uuid::Uuid::now_v7().simple());
+                    let store =
+                        keyward_store::postgres::PostgresStore::connect_in_schema(&url, &schema)
+                            .await
+                            .unwrap();
+                    (Arc::new(store), Some((url, schema)))
+                }
+                _ => (
+                    Arc::new(
+                        SqliteStore::open(&dir.path().join("keyward.db"))
+                            .await
+                            .unwrap(),
+                    ),
+                    None,
+                ),
+            };
         let clock = Arc::new(ManualClock::new(t0()));
         let (org, key) =
             keyward_server::bootstrap::create_org(store.as_ref(), clock.as_ref(), "test-org")
@@ -141,6 +159,7 @@ impl TestServer {
             store,
             http: reqwest::Client::new(),
             shutdown: Some(tx),
+            pg_schema,
             _dir: dir,
         }
     }
@@ -240,6 +259,19 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+        // Best effort, without blocking the test's runtime: psql drops the schema on its own.
+        if let Some((url, schema)) = self.pg_schema.take() {
+            let _ = std::process::Command::new("psql")
+                .arg(&url)
+                .args([
+                    "-q",
+                    "-c",
+                    &format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"),
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn();
         }
     }
 }
