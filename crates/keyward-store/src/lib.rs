@@ -13,6 +13,7 @@ use keyward_core::model::{
 use keyward_core::token::TokenDigest;
 use uuid::Uuid;
 
+mod codec;
 pub mod conformance;
 pub mod postgres;
 pub mod sqlite;

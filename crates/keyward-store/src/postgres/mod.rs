@@ -23,17 +23,20 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::DateTime;
 use keyward_core::model::{
-    Agent, AgentStatus, AgentType, AuditEvent, AuditFilter, IdempotencyRecord, Key, KeyFilter, Org,
-    Outcome, Page, Timestamp, TraceContext,
+    Agent, AgentStatus, AuditEvent, AuditFilter, IdempotencyRecord, Key, KeyFilter, Org, Page,
+    Timestamp,
 };
-use keyward_core::scope::Scope;
-use keyward_core::token::{Environment, TokenDigest, TokenKind};
+use keyward_core::token::{TokenDigest, TokenKind};
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{ConnectOptions, Executor, Postgres, QueryBuilder, Row, Transaction};
 use uuid::Uuid;
+
+use crate::codec::{
+    corrupt, from_json, from_ms, get, ms, opt_ms, opt_uuid, row_to_agent, row_to_audit, row_to_key,
+    row_to_org, to_json, uuid, Columns,
+};
 
 use crate::{
     KeyWithAgent, Revoked, Store, StoreError, StoreResult, ThresholdAlert, UsageBucket, UsageDelta,
@@ -193,148 +196,28 @@ fn map_err(e: sqlx::Error) -> StoreError {
     }
 }
 
-fn corrupt(what: &str) -> StoreError {
-    StoreError::Internal(format!("corrupt stored value: {what}"))
-}
-
-fn ms(t: Timestamp) -> i64 {
-    t.timestamp_millis()
-}
-
-fn opt_ms(t: Option<Timestamp>) -> Option<i64> {
-    t.map(ms)
-}
-
-fn from_ms(v: i64) -> StoreResult<Timestamp> {
-    DateTime::from_timestamp_millis(v).ok_or_else(|| corrupt("timestamp"))
-}
-
-fn opt_from_ms(v: Option<i64>) -> StoreResult<Option<Timestamp>> {
-    v.map(from_ms).transpose()
-}
-
-fn uuid(s: &str) -> StoreResult<Uuid> {
-    Uuid::parse_str(s).map_err(|_| corrupt("uuid"))
-}
-
-fn opt_uuid(s: Option<String>) -> StoreResult<Option<Uuid>> {
-    s.as_deref().map(uuid).transpose()
-}
-
-fn to_json<T: serde::Serialize>(v: &T) -> StoreResult<String> {
-    serde_json::to_string(v).map_err(|e| StoreError::Internal(e.to_string()))
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> StoreResult<T> {
-    serde_json::from_str(s).map_err(|_| corrupt(what))
-}
-
-fn get<'r, T>(row: &'r PgRow, col: &str) -> StoreResult<T>
-where
-    T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
-{
-    row.try_get(col).map_err(map_err)
-}
-
-fn row_to_org(row: &PgRow) -> StoreResult<Org> {
-    Ok(Org {
-        id: uuid(&get::<String>(row, "id")?)?,
-        name: get(row, "name")?,
-        policy: from_json(&get::<String>(row, "policy")?, "org policy")?,
-        created_at: from_ms(get(row, "created_at")?)?,
-    })
-}
-
-fn row_to_agent(row: &PgRow) -> StoreResult<Agent> {
-    Ok(Agent {
-        id: uuid(&get::<String>(row, "id")?)?,
-        org_id: uuid(&get::<String>(row, "org_id")?)?,
-        name: get(row, "name")?,
-        display_name: get(row, "display_name")?,
-        agent_type: AgentType::parse(&get::<String>(row, "agent_type")?)
-            .ok_or_else(|| corrupt("agent type"))?,
-        status: AgentStatus::parse(&get::<String>(row, "status")?)
-            .ok_or_else(|| corrupt("agent status"))?,
-        scopes: from_json(&get::<String>(row, "scopes")?, "agent scopes")?,
-        metadata: from_json(&get::<String>(row, "metadata")?, "agent metadata")?,
-        policy: from_json(&get::<String>(row, "policy")?, "agent policy")?,
-        capabilities: from_json(&get::<String>(row, "capabilities")?, "capabilities")?,
-        did: get(row, "did")?,
-        owner_user_id: opt_uuid(get(row, "owner_user_id")?)?,
-        parent_agent_id: opt_uuid(get(row, "parent_agent_id")?)?,
-        version: get(row, "version")?,
-        created_at: from_ms(get(row, "created_at")?)?,
-        updated_at: from_ms(get(row, "updated_at")?)?,
-        revoked_at: opt_from_ms(get(row, "revoked_at")?)?,
-    })
-}
-
-fn row_to_key(row: &PgRow) -> StoreResult<Key> {
-    let scopes: Vec<String> = from_json(&get::<String>(row, "scopes")?, "key scopes")?;
-    let scopes = scopes
-        .iter()
-        .map(|s| Scope::parse(s).map_err(|_| corrupt("key scope")))
-        .collect::<StoreResult<Vec<_>>>()?;
-    let cidrs: Vec<String> = from_json(&get::<String>(row, "cidr_allowlist")?, "allowlist")?;
-    let cidr_allowlist =
-        keyward_core::cidr::parse_allowlist(&cidrs).map_err(|_| corrupt("allowlist"))?;
-    let digest: Vec<u8> = get(row, "digest")?;
-    Ok(Key {
-        id: uuid(&get::<String>(row, "id")?)?,
-        org_id: uuid(&get::<String>(row, "org_id")?)?,
-        agent_id: opt_uuid(get(row, "agent_id")?)?,
-        parent_key_id: opt_uuid(get(row, "parent_key_id")?)?,
-        kind: TokenKind::parse(&get::<String>(row, "kind")?).ok_or_else(|| corrupt("kind"))?,
-        environment: Environment::parse(&get::<String>(row, "environment")?)
-            .ok_or_else(|| corrupt("environment"))?,
-        name: get(row, "name")?,
-        start: get(row, "start")?,
-        digest: TokenDigest::from_slice(&digest).ok_or_else(|| corrupt("digest"))?,
-        scopes,
-        cidr_allowlist,
-        rate_limit: get::<Option<String>>(row, "rate_limit")?
-            .map(|s| from_json(&s, "rate limit"))
-            .transpose()?,
-        quota: get::<Option<String>>(row, "quota")?
-            .map(|s| from_json(&s, "quota"))
-            .transpose()?,
-        alert_thresholds: from_json(&get::<String>(row, "alert_thresholds")?, "thresholds")?,
-        requires_signature: get::<bool>(row, "requires_signature")?,
-        signing_secret_enc: get(row, "signing_secret_enc")?,
-        expires_at: opt_from_ms(get(row, "expires_at")?)?,
-        deprecated_at: opt_from_ms(get(row, "deprecated_at")?)?,
-        revoked_at: opt_from_ms(get(row, "revoked_at")?)?,
-        successor_key_id: opt_uuid(get(row, "successor_key_id")?)?,
-        last_used_at: opt_from_ms(get(row, "last_used_at")?)?,
-        created_at: from_ms(get(row, "created_at")?)?,
-        metadata: from_json(&get::<String>(row, "metadata")?, "key metadata")?,
-    })
-}
-
-fn row_to_audit(row: &PgRow) -> StoreResult<AuditEvent> {
-    Ok(AuditEvent {
-        id: uuid(&get::<String>(row, "id")?)?,
-        org_id: uuid(&get::<String>(row, "org_id")?)?,
-        occurred_at: from_ms(get(row, "occurred_at")?)?,
-        action: get(row, "action")?,
-        outcome: Outcome::parse(&get::<String>(row, "outcome")?)
-            .ok_or_else(|| corrupt("outcome"))?,
-        error_code: get(row, "error_code")?,
-        actor_key_id: opt_uuid(get(row, "actor_key_id")?)?,
-        actor_agent_id: opt_uuid(get(row, "actor_agent_id")?)?,
-        target_type: get(row, "target_type")?,
-        target_id: opt_uuid(get(row, "target_id")?)?,
-        client_ip: get(row, "client_ip")?,
-        request_id: get(row, "request_id")?,
-        trace: TraceContext {
-            run_id: get(row, "run_id")?,
-            thread_id: get(row, "thread_id")?,
-            parent_agent: get(row, "parent_agent")?,
-            traceparent: get(row, "traceparent")?,
-            meta: from_json(&get::<String>(row, "trace_meta")?, "trace meta")?,
-        },
-        details: from_json(&get::<String>(row, "details")?, "audit details")?,
-    })
+impl Columns for PgRow {
+    fn text(&self, col: &str) -> StoreResult<String> {
+        self.try_get(col).map_err(map_err)
+    }
+    fn opt_text(&self, col: &str) -> StoreResult<Option<String>> {
+        self.try_get(col).map_err(map_err)
+    }
+    fn int(&self, col: &str) -> StoreResult<i64> {
+        self.try_get(col).map_err(map_err)
+    }
+    fn opt_int(&self, col: &str) -> StoreResult<Option<i64>> {
+        self.try_get(col).map_err(map_err)
+    }
+    fn bytes(&self, col: &str) -> StoreResult<Vec<u8>> {
+        self.try_get(col).map_err(map_err)
+    }
+    fn opt_bytes(&self, col: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.try_get(col).map_err(map_err)
+    }
+    fn flag(&self, col: &str) -> StoreResult<bool> {
+        self.try_get(col).map_err(map_err)
+    }
 }
 
 async fn insert_key_tx(tx: &mut Transaction<'static, Postgres>, k: &Key) -> StoreResult<()> {
