@@ -346,12 +346,8 @@ impl VerifyCache {
         Ok(Some(agent))
     }
 
-    /// Entries currently held (for metrics and tests).
-    pub fn len(&self) -> u64 {
+    /// Snapshots currently held (the `keyward_verify_cache_entries` gauge).
+    pub fn entries(&self) -> u64 {
         self.found.len() as u64
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }

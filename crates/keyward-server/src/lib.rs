@@ -260,6 +260,7 @@ async fn flush_usage(state: AppState) {
         state.decisions.flush(state.store.as_ref()).await;
         let now_ns = state.now().timestamp_nanos_opt().unwrap_or(i64::MAX);
         state.auth_throttle.prune(now_ns);
+        metrics::gauge!("keyward_verify_cache_entries").set(state.cache.entries() as f64);
         metrics::gauge!("keyward_usage_flush_lag_seconds").set(last_ok.elapsed().as_secs_f64());
     }
 }
