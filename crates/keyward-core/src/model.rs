@@ -453,6 +453,46 @@ pub struct Key {
 }
 
 impl Key {
+    /// A new key of `kind` with a fresh token: the record (holding only the token's digest and
+    /// display `start`) and the plaintext, to be shown once. Everything optional starts empty
+    /// (no name, allowlist, limits, expiry or metadata); callers set what their request asks.
+    pub fn mint(
+        org_id: Uuid,
+        agent_id: Option<Uuid>,
+        kind: TokenKind,
+        environment: Environment,
+        scopes: Vec<Scope>,
+        now: Timestamp,
+    ) -> Result<(Key, crate::secret::Secret), crate::token::TokenError> {
+        let plaintext = crate::token::generate(environment, kind)?;
+        let key = Key {
+            id: Uuid::now_v7(),
+            org_id,
+            agent_id,
+            parent_key_id: None,
+            kind,
+            environment,
+            name: None,
+            start: crate::token::display_start(plaintext.expose()),
+            digest: TokenDigest::of(plaintext.expose()),
+            scopes,
+            cidr_allowlist: Vec::new(),
+            rate_limit: None,
+            quota: None,
+            alert_thresholds: Vec::new(),
+            requires_signature: false,
+            signing_secret_enc: None,
+            expires_at: None,
+            deprecated_at: None,
+            revoked_at: None,
+            successor_key_id: None,
+            last_used_at: None,
+            created_at: now,
+            metadata: JsonObject::new(),
+        };
+        Ok((key, plaintext))
+    }
+
     /// Whether the key has passed its expiry at `now`.
     pub fn is_expired(&self, now: Timestamp) -> bool {
         self.expires_at.is_some_and(|e| e <= now)

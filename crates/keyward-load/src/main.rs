@@ -30,7 +30,7 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use keyward_core::model::{Agent, AgentStatus, AgentType, AuditEvent, Key, Outcome, TraceContext};
 use keyward_core::scope::Scope;
-use keyward_core::token::{self, Environment, TokenDigest, TokenKind};
+use keyward_core::token::{self, Environment, TokenKind};
 use keyward_store::sqlite::SqliteStore;
 use keyward_store::Store;
 use uuid::Uuid;
@@ -118,36 +118,15 @@ fn agent_key(
     scopes: &[Scope],
     now: keyward_core::model::Timestamp,
 ) -> Result<(Key, String), Failure> {
-    let t = token::generate(Environment::Live, TokenKind::Agent)?;
-    let plain = t.expose().to_string();
-    Ok((
-        Key {
-            id: Uuid::now_v7(),
-            org_id,
-            agent_id: Some(agent_id),
-            parent_key_id: None,
-            kind: TokenKind::Agent,
-            environment: Environment::Live,
-            name: None,
-            start: token::display_start(&plain),
-            digest: TokenDigest::of(&plain),
-            scopes: scopes.to_vec(),
-            cidr_allowlist: vec![],
-            rate_limit: None,
-            quota: None,
-            alert_thresholds: vec![],
-            requires_signature: false,
-            signing_secret_enc: None,
-            expires_at: None,
-            deprecated_at: None,
-            revoked_at: None,
-            successor_key_id: None,
-            last_used_at: None,
-            created_at: now,
-            metadata: Default::default(),
-        },
-        plain,
-    ))
+    let (key, plain) = Key::mint(
+        org_id,
+        Some(agent_id),
+        TokenKind::Agent,
+        Environment::Live,
+        scopes.to_vec(),
+        now,
+    )?;
+    Ok((key, plain.expose().to_string()))
 }
 
 /// Seeds one agent with `n` keys; returns every plaintext.

@@ -5,7 +5,7 @@ use keyward_core::clock::Clock;
 use keyward_core::model::{AuditEvent, Key, Org, OrgPolicy, Outcome, TraceContext};
 use keyward_core::scope::Scope;
 use keyward_core::secret::Secret;
-use keyward_core::token::{self, Environment, TokenDigest, TokenKind};
+use keyward_core::token::{Environment, TokenKind};
 use keyward_store::{Store, StoreError};
 use serde_json::json;
 use uuid::Uuid;
@@ -36,34 +36,16 @@ pub async fn create_org(
         policy: OrgPolicy::default(),
         created_at: now,
     };
-    let plaintext = token::generate(Environment::Live, TokenKind::Root)
-        .map_err(|e| BootstrapError::Rng(e.to_string()))?;
-    let all = Scope::parse("*").map_err(|e| BootstrapError::InvalidName(e.to_string()))?;
-    let key = Key {
-        id: Uuid::now_v7(),
-        org_id: org.id,
-        agent_id: None,
-        parent_key_id: None,
-        kind: TokenKind::Root,
-        environment: Environment::Live,
-        name: Some("bootstrap".to_string()),
-        start: token::display_start(plaintext.expose()),
-        digest: TokenDigest::of(plaintext.expose()),
-        scopes: vec![all],
-        cidr_allowlist: Vec::new(),
-        rate_limit: None,
-        quota: None,
-        alert_thresholds: Vec::new(),
-        requires_signature: false,
-        signing_secret_enc: None,
-        expires_at: None,
-        deprecated_at: None,
-        revoked_at: None,
-        successor_key_id: None,
-        last_used_at: None,
-        created_at: now,
-        metadata: Default::default(),
-    };
+    let (mut key, plaintext) = Key::mint(
+        org.id,
+        None,
+        TokenKind::Root,
+        Environment::Live,
+        vec![Scope::all()],
+        now,
+    )
+    .map_err(|e| BootstrapError::Rng(e.to_string()))?;
+    key.name = Some("bootstrap".to_string());
     let audit = AuditEvent {
         id: Uuid::now_v7(),
         org_id: org.id,

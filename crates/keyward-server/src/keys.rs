@@ -160,32 +160,17 @@ pub fn mint(
         .map(|s| state.config.master_key.seal(s.expose().as_bytes()))
         .transpose()
         .map_err(ApiError::internal)?;
-    let api_key = token::generate(environment, kind).map_err(ApiError::internal)?;
-    let key = Key {
-        id: Uuid::now_v7(),
-        org_id: org.id,
-        agent_id: agent.map(|a| a.id),
-        parent_key_id: None,
-        kind,
-        environment,
-        name: spec.name.clone(),
-        start: token::display_start(api_key.expose()),
-        digest: TokenDigest::of(api_key.expose()),
-        scopes,
-        cidr_allowlist,
-        rate_limit,
-        quota,
-        alert_thresholds,
-        requires_signature,
-        signing_secret_enc,
-        expires_at,
-        deprecated_at: None,
-        revoked_at: None,
-        successor_key_id: None,
-        last_used_at: None,
-        created_at: now,
-        metadata,
-    };
+    let (mut key, api_key) = Key::mint(org.id, agent.map(|a| a.id), kind, environment, scopes, now)
+        .map_err(ApiError::internal)?;
+    key.name = spec.name.clone();
+    key.cidr_allowlist = cidr_allowlist;
+    key.rate_limit = rate_limit;
+    key.quota = quota;
+    key.alert_thresholds = alert_thresholds;
+    key.requires_signature = requires_signature;
+    key.signing_secret_enc = signing_secret_enc;
+    key.expires_at = expires_at;
+    key.metadata = metadata;
     Ok(Minted {
         key,
         api_key,
@@ -725,33 +710,23 @@ pub async fn derive(
     if let Some(parent_exp) = caller.key().expires_at {
         expires_at = expires_at.min(parent_exp);
     }
-    let api_key = token::generate(caller.key().environment, TokenKind::Derived)
-        .map_err(ApiError::internal)?;
-    let key = Key {
-        id: Uuid::now_v7(),
-        org_id: caller.org_id(),
-        agent_id: caller.key().agent_id,
-        parent_key_id: Some(caller.key().id),
-        kind: TokenKind::Derived,
-        environment: caller.key().environment,
-        name: body.name.clone(),
-        start: token::display_start(api_key.expose()),
-        digest: TokenDigest::of(api_key.expose()),
+    let parent = caller.key();
+    let (mut key, api_key) = Key::mint(
+        parent.org_id,
+        parent.agent_id,
+        TokenKind::Derived,
+        parent.environment,
         scopes,
-        cidr_allowlist,
-        rate_limit: caller.key().rate_limit.clone(),
-        quota: caller.key().quota,
-        alert_thresholds: Vec::new(),
-        requires_signature: false,
-        signing_secret_enc: None,
-        expires_at: Some(expires_at),
-        deprecated_at: None,
-        revoked_at: None,
-        successor_key_id: None,
-        last_used_at: None,
-        created_at: now,
-        metadata,
-    };
+        now,
+    )
+    .map_err(ApiError::internal)?;
+    key.parent_key_id = Some(parent.id);
+    key.name = body.name.clone();
+    key.cidr_allowlist = cidr_allowlist;
+    key.rate_limit = parent.rate_limit.clone();
+    key.quota = parent.quota;
+    key.expires_at = Some(expires_at);
+    key.metadata = metadata;
     let minted = Minted {
         key,
         api_key,

@@ -26,7 +26,7 @@ use keyward_core::model::{
     RateLimitSpec, Rule, RuleBody, Timestamp, TraceContext,
 };
 use keyward_core::scope::{ProviderScopes, Scope};
-use keyward_core::token::{self, Environment, TokenDigest, TokenKind};
+use keyward_core::token::{Environment, TokenDigest, TokenKind};
 use serde_json::{json, Value};
 use tokio::sync::Barrier;
 use uuid::Uuid;
@@ -86,37 +86,21 @@ pub fn agent(org_id: Uuid, name: &str) -> Agent {
 /// A live, non-revoked key of `kind` with a freshly generated token's digest and start. Root keys
 /// get the scope `*`, others `keys:derive`.
 pub fn key(org_id: Uuid, agent_id: Option<Uuid>, kind: TokenKind) -> Key {
-    let token = token::generate(Environment::Live, kind).expect("generating a token");
     let scope = if kind == TokenKind::Root {
         Scope::all()
     } else {
         Scope::parse("keys:derive").expect("a valid scope")
     };
-    Key {
-        id: Uuid::now_v7(),
+    Key::mint(
         org_id,
         agent_id,
-        parent_key_id: None,
         kind,
-        environment: Environment::Live,
-        name: None,
-        start: token::display_start(token.expose()),
-        digest: TokenDigest::of(token.expose()),
-        scopes: vec![scope],
-        cidr_allowlist: Vec::new(),
-        rate_limit: None,
-        quota: None,
-        alert_thresholds: Vec::new(),
-        requires_signature: false,
-        signing_secret_enc: None,
-        expires_at: None,
-        deprecated_at: None,
-        revoked_at: None,
-        successor_key_id: None,
-        last_used_at: None,
-        created_at: now(),
-        metadata: JsonObject::new(),
-    }
+        Environment::Live,
+        vec![scope],
+        now(),
+    )
+    .expect("minting a key")
+    .0
 }
 
 /// A derived key of `parent`: same org and agent, `parent_key_id` set, expiring in an hour.
