@@ -32,7 +32,8 @@ use tokio::sync::Barrier;
 use uuid::Uuid;
 
 use crate::{
-    Store, StoreError, StoreResult, ThresholdAlert, UsageBucket, UsageDelta, IDEMPOTENCY_TTL_MS,
+    Signal, Store, StoreError, StoreResult, ThresholdAlert, UsageBucket, UsageDelta,
+    IDEMPOTENCY_TTL_MS,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -2503,6 +2504,131 @@ pub async fn run_all(store: Arc<dyn Store>) {
     last_used_at_only_moves_forward(s).await;
     a_quota_threshold_is_announced_once_per_period(s).await;
     import_keys_inserts_all_or_nothing(s).await;
+    concurrent_quota_takes_admit_exactly_the_limit(Arc::clone(&store)).await;
+    a_change_watch_hears_every_change_to_existing_keys(s).await;
+}
+
+/// 64 concurrent takes against a limit of 25 succeed exactly 25 times, each seeing a distinct
+/// count; another period of the same key counts from zero.
+pub async fn concurrent_quota_takes_admit_exactly_the_limit(store: Arc<dyn Store>) {
+    let key_id = Uuid::now_v7();
+    let period = hour_of(now());
+    let barrier = Arc::new(Barrier::new(64));
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            let barrier = Arc::clone(&barrier);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.take_quota_unit(key_id, period, 25).await.unwrap()
+            })
+        })
+        .collect();
+    let mut counts = Vec::new();
+    for t in tasks {
+        if let Some(n) = t.await.unwrap() {
+            counts.push(n);
+        }
+    }
+    counts.sort_unstable();
+    assert_eq!(
+        counts,
+        (1..=25).collect::<Vec<u64>>(),
+        "exactly the limit is taken, each unit once"
+    );
+    assert_eq!(store.quota_units(key_id, period).await.unwrap(), 25);
+    assert_eq!(
+        store.take_quota_unit(key_id, period, 26).await.unwrap(),
+        Some(26),
+        "a larger limit (the quota was raised) admits more"
+    );
+    let next = period + Duration::hours(1);
+    assert_eq!(store.quota_units(key_id, next).await.unwrap(), 0);
+    assert_eq!(
+        store.take_quota_unit(key_id, next, 25).await.unwrap(),
+        Some(1)
+    );
+    assert_eq!(
+        store.take_quota_unit(key_id, next, 0).await.unwrap(),
+        None,
+        "a limit of zero admits nothing"
+    );
+}
+
+/// A shared store's watch answers `Resumed` when it connects, `Quiet` while nothing changes
+/// (creating keys changes no existing key), and `Changed` after a key update, a revocation, an
+/// agent update, a rotation and an org policy change. A store only this process writes has no
+/// watch.
+pub async fn a_change_watch_hears_every_change_to_existing_keys(store: &dyn Store) {
+    let Some(mut watch) = store.watch_changes().await.unwrap() else {
+        assert!(
+            !store.is_shared(),
+            "a store other processes write must offer a change watch"
+        );
+        return;
+    };
+    let wait = std::time::Duration::from_millis(300);
+    let long = std::time::Duration::from_secs(5);
+    assert_eq!(watch.next(long).await.unwrap(), Signal::Resumed);
+    let (mut o, _) = new_org(store, "watch").await;
+    let (a, k1) = new_agent(store, o.id, "watched").await;
+    let k2 = key(o.id, Some(a.id), TokenKind::Agent);
+    add_key(store, &k2).await;
+    assert_eq!(
+        watch.next(wait).await.unwrap(),
+        Signal::Quiet,
+        "creations are not changes to existing keys"
+    );
+
+    let mut changed = stored_key(store, k1.id).await;
+    changed.name = Some("renamed".into());
+    store
+        .update_key(&changed, &event(o.id, "key.update"))
+        .await
+        .unwrap();
+    assert_eq!(
+        watch.next(long).await.unwrap(),
+        Signal::Changed,
+        "key update"
+    );
+
+    revoke(store, &k2, now(), false).await;
+    assert_eq!(
+        watch.next(long).await.unwrap(),
+        Signal::Changed,
+        "revocation"
+    );
+
+    set_status(store, &a, AgentStatus::Paused).await;
+    assert_eq!(
+        watch.next(long).await.unwrap(),
+        Signal::Changed,
+        "agent update"
+    );
+
+    let successor = key(o.id, Some(a.id), TokenKind::Agent);
+    let mut old = stored_key(store, k1.id).await;
+    old.deprecated_at = Some(now());
+    old.expires_at = Some(now() + Duration::days(1));
+    old.successor_key_id = Some(successor.id);
+    store
+        .rotate_key(&old, &successor, &event(o.id, "key.rotate"), None)
+        .await
+        .unwrap();
+    assert_eq!(watch.next(long).await.unwrap(), Signal::Changed, "rotation");
+
+    o.policy.rules = Vec::new();
+    o.name = unique("watch-renamed");
+    store
+        .update_org(&o, &event(o.id, "org.update"))
+        .await
+        .unwrap();
+    assert_eq!(
+        watch.next(long).await.unwrap(),
+        Signal::Changed,
+        "org update"
+    );
+    assert_eq!(watch.next(wait).await.unwrap(), Signal::Quiet);
 }
 
 /// `import_keys` inserts every key with one event, or none when one of them cannot go in.
@@ -2731,8 +2857,10 @@ macro_rules! conformance_tests {
             last_used_at_only_moves_forward,
             a_quota_threshold_is_announced_once_per_period,
             import_keys_inserts_all_or_nothing,
+            a_change_watch_hears_every_change_to_existing_keys,
         );
         $crate::conformance_tests!(@concurrent $open;
+            concurrent_quota_takes_admit_exactly_the_limit,
             concurrent_revocations_of_an_agents_last_two_keys_leave_one,
             concurrent_creates_of_one_agent_name_admit_exactly_one,
             concurrent_claims_of_one_idempotency_key_admit_exactly_one,

@@ -97,11 +97,45 @@ pub struct ThresholdAlert {
     pub event: AuditEvent,
 }
 
+/// What a [`ChangeWatch`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// A write through some node changed what an existing key may do: caches must be dropped.
+    Changed,
+    /// The watch (re)connected: anything may have changed while it was away, so caches must be
+    /// dropped too.
+    Resumed,
+    /// Nothing changed, and a round trip over the watching connection just proved it live.
+    Quiet,
+}
+
+/// A live view of the writes other processes make to a shared store (PostgreSQL's
+/// LISTEN/NOTIFY plus its change log).
+#[async_trait]
+pub trait ChangeWatch: Send {
+    /// Waits at most about `wait` (twice it when the store does not answer) for the next signal.
+    /// An error means the watch is down; the next call tries to reconnect and, when it does,
+    /// answers [`Signal::Resumed`].
+    async fn next(&mut self, wait: std::time::Duration) -> StoreResult<Signal>;
+}
+
 /// Keyward's persistence, in domain words.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Checks that the store answers.
     async fn ping(&self) -> StoreResult<()>;
+
+    /// Whether other processes may write to this store while this one runs (PostgreSQL shared
+    /// by several nodes). A server over a shared store watches for their changes and counts
+    /// quotas in the store rather than in memory.
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// Starts watching the writes of every process; `None` for a store only this process writes.
+    async fn watch_changes(&self) -> StoreResult<Option<Box<dyn ChangeWatch>>> {
+        Ok(None)
+    }
 
     /// Closes connections, flushing what the backend buffers (SQLite: checkpoints the WAL).
     async fn close(&self) {}
@@ -222,6 +256,18 @@ pub trait Store: Send + Sync + 'static {
         since: Timestamp,
         until: Timestamp,
     ) -> StoreResult<u64>;
+
+    /// Takes one unit of a key's quota for the period starting at `period_start`, atomically
+    /// for every process: the count after taking it, or `None` when `limit` units are taken
+    /// already (nothing is taken then).
+    async fn take_quota_unit(
+        &self,
+        key_id: Uuid,
+        period_start: Timestamp,
+        limit: u64,
+    ) -> StoreResult<Option<u64>>;
+    /// Units taken by [`Store::take_quota_unit`] for a key and period.
+    async fn quota_units(&self, key_id: Uuid, period_start: Timestamp) -> StoreResult<u64>;
 }
 
 /// How long an idempotency record is honoured: 24 hours.

@@ -39,13 +39,15 @@ use crate::codec::{
 };
 
 use crate::{
-    KeyWithAgent, Revoked, Store, StoreError, StoreResult, ThresholdAlert, UsageBucket, UsageDelta,
+    ChangeWatch, KeyWithAgent, Revoked, Signal, Store, StoreError, StoreResult, ThresholdAlert,
+    UsageBucket, UsageDelta,
 };
 
 /// The migrations, embedded in the binary like SQLite's so a node needs nothing beside it.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("migrations/0001_init.sql")),
     (2, "usage", include_str!("migrations/0002_usage.sql")),
+    (3, "changes", include_str!("migrations/0003_changes.sql")),
 ];
 
 /// How many connections one node keeps: verifications hit the cache, so the store mostly sees
@@ -82,6 +84,9 @@ fn migrator() -> Migrator {
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// The NOTIFY channel of this schema's change log: `keyward_changes_<schema>`, so stores in
+    /// different schemas of one database (tests, several deployments) do not hear each other.
+    channel: String,
 }
 
 const KEY_COLS: &str =
@@ -139,7 +144,14 @@ impl PostgresStore {
             },
             e => StoreError::Internal(format!("migration failed: {e}")),
         })?;
-        Ok(PostgresStore { pool })
+        let schema: String = sqlx::query_scalar("SELECT current_schema()::TEXT")
+            .fetch_one(&pool)
+            .await
+            .map_err(map_err)?;
+        Ok(PostgresStore {
+            pool,
+            channel: channel_name(&schema),
+        })
     }
 
     async fn begin(&self) -> StoreResult<Transaction<'static, Postgres>> {
@@ -154,6 +166,152 @@ fn parse_url(url: &str) -> StoreResult<PgConnectOptions> {
     // Without this every start logs the server's NOTICEs (such as "relation _sqlx_migrations
     // already exists, skipping") at info level; warnings and errors still come through.
     Ok(options.options([("client_min_messages", "warning")]))
+}
+
+/// The NOTIFY channel of a schema's change log. Channel names are identifiers (at most 63
+/// bytes); a longer schema name is cut, which at worst makes two schemas hear each other's
+/// changes (extra cache drops, never a missed one).
+fn channel_name(schema: &str) -> String {
+    let mut name = format!("keyward_changes_{schema}");
+    while name.len() > 63 {
+        name.pop();
+    }
+    name
+}
+
+/// Appends a change to the log and announces it, inside the write's transaction: the NOTIFY is
+/// delivered when (and only if) the transaction commits.
+async fn note_change_tx(
+    tx: &mut Transaction<'_, Postgres>,
+    channel: &str,
+    audit: &AuditEvent,
+) -> StoreResult<()> {
+    let seq: i64 = sqlx::query_scalar(
+        "INSERT INTO changes (org_id, changed_at) VALUES ($1, $2) RETURNING seq",
+    )
+    .bind(audit.org_id.to_string())
+    .bind(ms(audit.occurred_at))
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(map_err)?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(channel)
+        .bind(seq.to_string())
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
+
+/// How long the change log keeps its rows: the log is read only for its head, and a day of
+/// history is kept for operators.
+const CHANGE_LOG_RETENTION_MS: i64 = 24 * 3600 * 1000;
+
+/// The PostgreSQL change watch: a dedicated LISTEN connection, checked with a round trip
+/// whenever it has been quiet for the wait, so a connection that died silently is noticed.
+struct PgChangeWatch {
+    pool: PgPool,
+    channel: String,
+    listener: Option<sqlx::postgres::PgListener>,
+    /// The change log's head when last read.
+    head: i64,
+    /// Heartbeats since the log was last pruned.
+    beats: u32,
+}
+
+impl PgChangeWatch {
+    async fn read_head(listener: &mut sqlx::postgres::PgListener) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0)::BIGINT FROM changes")
+            .fetch_one(listener)
+            .await
+            .map_err(map_err)
+    }
+
+    /// Notes a notification's sequence number and drains those already received: a burst of
+    /// writes is one signal.
+    fn heard(&mut self, first: sqlx::postgres::PgNotification) {
+        let mut seq = first.payload().parse::<i64>().unwrap_or(0);
+        if let Some(listener) = self.listener.as_mut() {
+            while let Some(n) = listener.next_buffered() {
+                seq = seq.max(n.payload().parse::<i64>().unwrap_or(0));
+            }
+        }
+        self.head = self.head.max(seq);
+    }
+
+    async fn step(&mut self, wait: Duration) -> StoreResult<Signal> {
+        let Some(listener) = self.listener.as_mut() else {
+            let mut listener = tokio::time::timeout(
+                wait * 2,
+                sqlx::postgres::PgListener::connect_with(&self.pool),
+            )
+            .await
+            .map_err(|_| StoreError::Unavailable("connecting the change watch timed out".into()))?
+            .map_err(map_err)?;
+            // The pool closing (at shutdown) should end the watch, not hang it.
+            listener.listen(&self.channel).await.map_err(map_err)?;
+            self.head = Self::read_head(&mut listener).await?;
+            self.listener = Some(listener);
+            return Ok(Signal::Resumed);
+        };
+        if let Some(n) = listener.next_buffered() {
+            self.heard(n);
+            return Ok(Signal::Changed);
+        }
+        match tokio::time::timeout(wait, listener.try_recv()).await {
+            Ok(Ok(Some(n))) => {
+                self.heard(n);
+                Ok(Signal::Changed)
+            }
+            // The connection was lost and sqlx reconnected and listens again: what was said
+            // in between is lost, so every cache must go.
+            Ok(Ok(None)) => {
+                self.head = Self::read_head(listener).await?;
+                Ok(Signal::Resumed)
+            }
+            Ok(Err(e)) => Err(map_err(e)),
+            Err(_quiet) => {
+                let head = tokio::time::timeout(wait * 2, Self::read_head(listener))
+                    .await
+                    .map_err(|_| {
+                        StoreError::Unavailable("the change watch heartbeat timed out".into())
+                    })??;
+                self.beats += 1;
+                if self.beats >= 600 {
+                    self.beats = 0;
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as i64);
+                    let cutoff = now_ms - CHANGE_LOG_RETENTION_MS;
+                    sqlx::query("DELETE FROM changes WHERE changed_at < $1 AND seq < $2")
+                        .bind(cutoff)
+                        .bind(head)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(map_err)?;
+                }
+                if head != self.head {
+                    // A write whose NOTIFY never reached this connection.
+                    self.head = head;
+                    Ok(Signal::Changed)
+                } else {
+                    Ok(Signal::Quiet)
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ChangeWatch for PgChangeWatch {
+    async fn next(&mut self, wait: Duration) -> StoreResult<Signal> {
+        let r = self.step(wait).await;
+        if r.is_err() {
+            // Whatever state the connection is in, the next call starts from a fresh one.
+            self.listener = None;
+        }
+        r
+    }
 }
 
 /// Quotes an SQL identifier (a schema name), doubling embedded quotes.
@@ -394,6 +552,20 @@ impl Store for PostgresStore {
         self.pool.close().await;
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    async fn watch_changes(&self) -> StoreResult<Option<Box<dyn ChangeWatch>>> {
+        Ok(Some(Box::new(PgChangeWatch {
+            pool: self.pool.clone(),
+            channel: self.channel.clone(),
+            listener: None,
+            head: 0,
+            beats: 0,
+        })))
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)
@@ -447,6 +619,7 @@ impl Store for PostgresStore {
             return Err(StoreError::NotFound);
         }
         insert_audit_tx(&mut tx, audit).await?;
+        note_change_tx(&mut tx, &self.channel, audit).await?;
         tx.commit().await.map_err(map_err)
     }
 
@@ -589,6 +762,7 @@ impl Store for PostgresStore {
         .await
         .map_err(map_err)?;
         insert_audit_tx(&mut tx, audit).await?;
+        note_change_tx(&mut tx, &self.channel, audit).await?;
         tx.commit().await.map_err(map_err)
     }
 
@@ -737,6 +911,7 @@ impl Store for PostgresStore {
             };
         }
         insert_audit_tx(&mut tx, audit).await?;
+        note_change_tx(&mut tx, &self.channel, audit).await?;
         tx.commit().await.map_err(map_err)
     }
 
@@ -845,6 +1020,7 @@ impl Store for PostgresStore {
             .await
             .map_err(map_err)?;
         insert_audit_tx(&mut tx, audit).await?;
+        note_change_tx(&mut tx, &self.channel, audit).await?;
         let key = key_tx(&mut tx, key_id, "")
             .await?
             .ok_or(StoreError::NotFound)?;
@@ -884,6 +1060,7 @@ impl Store for PostgresStore {
             return Err(StoreError::KeyAlreadyRevoked);
         }
         insert_audit_tx(&mut tx, audit).await?;
+        note_change_tx(&mut tx, &self.channel, audit).await?;
         tx.commit().await.map_err(map_err)
     }
 
@@ -1085,5 +1262,42 @@ impl Store for PostgresStore {
         .await
         .map_err(map_err)?;
         Ok(get::<i64>(&row, "n")?.max(0) as u64)
+    }
+
+    async fn take_quota_unit(
+        &self,
+        key_id: Uuid,
+        period_start: Timestamp,
+        limit: u64,
+    ) -> StoreResult<Option<u64>> {
+        if limit == 0 {
+            return Ok(None);
+        }
+        // One statement: the conflicting row is locked for the update, so concurrent takes from
+        // every node run one after the other and the `used < limit` check sees each result.
+        let used: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO quota_counters (key_id, period_start, used) VALUES ($1, $2, 1) \
+             ON CONFLICT (key_id, period_start) DO UPDATE SET used = quota_counters.used + 1 \
+             WHERE quota_counters.used < $3 RETURNING used",
+        )
+        .bind(key_id.to_string())
+        .bind(ms(period_start))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(used.map(|n| n.max(0) as u64))
+    }
+
+    async fn quota_units(&self, key_id: Uuid, period_start: Timestamp) -> StoreResult<u64> {
+        let used: Option<i64> = sqlx::query_scalar(
+            "SELECT used FROM quota_counters WHERE key_id = $1 AND period_start = $2",
+        )
+        .bind(key_id.to_string())
+        .bind(ms(period_start))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(used.unwrap_or(0).max(0) as u64)
     }
 }

@@ -43,6 +43,11 @@ use crate::{
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("migrations/0001_init.sql")),
     (2, "usage", include_str!("migrations/0002_usage.sql")),
+    (
+        3,
+        "quota_counters",
+        include_str!("migrations/0003_quota_counters.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -962,5 +967,44 @@ impl Store for SqliteStore {
         .await
         .map_err(map_err)?;
         Ok(get::<i64>(&row, "n")?.max(0) as u64)
+    }
+
+    async fn take_quota_unit(
+        &self,
+        key_id: Uuid,
+        period_start: Timestamp,
+        limit: u64,
+    ) -> StoreResult<Option<u64>> {
+        if limit == 0 {
+            return Ok(None);
+        }
+        // One statement on the single writer: the check and the increment cannot interleave.
+        let row = sqlx::query(
+            "INSERT INTO quota_counters (key_id, period_start, used) VALUES (?, ?, 1) \
+             ON CONFLICT (key_id, period_start) DO UPDATE SET used = used + 1 \
+             WHERE quota_counters.used < ? RETURNING used",
+        )
+        .bind(key_id.to_string())
+        .bind(ms(period_start))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_optional(&self.writer)
+        .await
+        .map_err(map_err)?;
+        row.map(|r| get::<i64>(&r, "used").map(|n| n.max(0) as u64))
+            .transpose()
+    }
+
+    async fn quota_units(&self, key_id: Uuid, period_start: Timestamp) -> StoreResult<u64> {
+        let row =
+            sqlx::query("SELECT used FROM quota_counters WHERE key_id = ? AND period_start = ?")
+                .bind(key_id.to_string())
+                .bind(ms(period_start))
+                .fetch_optional(&self.reader)
+                .await
+                .map_err(map_err)?;
+        Ok(match row {
+            Some(r) => get::<i64>(&r, "used")?.max(0) as u64,
+            None => 0,
+        })
     }
 }
