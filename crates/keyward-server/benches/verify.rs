@@ -44,6 +44,7 @@ async fn setup() -> Setup {
         cache: Default::default(),
         usage_flush_interval: Duration::from_secs(1),
         failed_auth_limit: Some(keyward_server::DEFAULT_FAILED_AUTH_LIMIT),
+        rate_limit_backend: keyward_server::RateLimitBackend::Local,
     };
     let state = AppState::new(config, store.clone());
     let now = state.now();
@@ -142,7 +143,7 @@ fn bench(c: &mut Criterion) {
                 .await
                 .unwrap();
             keyward_core::auth::check_key(&p.key, p.agent_status, Some(ip), now, false).unwrap();
-            let (_, limited) = keyward_server::auth::rate_limit(&s.state, &p, now);
+            let (_, limited) = keyward_server::auth::rate_limit(&s.state, &p, now).await;
             limited.unwrap();
             s.state
                 .meter
@@ -191,7 +192,12 @@ fn bench(c: &mut Criterion) {
             black_box(
                 s.state
                     .cache
-                    .lookup(s.state.store.as_ref(), black_box(digest), s.state.now())
+                    .lookup(
+                        s.state.store.as_ref(),
+                        black_box(digest),
+                        s.state.now(),
+                        true,
+                    )
                     .await
                     .unwrap(),
             )
@@ -201,14 +207,14 @@ fn bench(c: &mut Criterion) {
         .block_on(
             s.state
                 .cache
-                .lookup(s.state.store.as_ref(), digest, s.state.now()),
+                .lookup(s.state.store.as_ref(), digest, s.state.now(), true),
         )
         .unwrap()
         .unwrap();
     g.bench_function("part_limiter_quota_usage", |b| {
         b.to_async(&rt).iter(|| async {
             let now = s.state.now();
-            let (_, r) = keyward_server::auth::rate_limit(&s.state, &prepared, now);
+            let (_, r) = keyward_server::auth::rate_limit(&s.state, &prepared, now).await;
             r.unwrap();
             s.state
                 .meter

@@ -250,7 +250,12 @@ pub async fn lookup(
     let digest = TokenDigest::of(token);
     match state
         .cache
-        .lookup(state.store.as_ref(), digest, now)
+        .lookup(
+            state.store.as_ref(),
+            digest,
+            now,
+            state.coherence.fresh(now.timestamp_millis()),
+        )
         .await?
     {
         // The lookup is by digest, so this compare is belt and braces against a cache or store
@@ -285,8 +290,10 @@ impl RateHeaders {
 }
 
 /// Runs the key's rate limit for one request at `now`: the headers to report, or
-/// `429 RATE_LIMITED` with `retry_after`. Keys without a limit get `Ok(None)`.
-pub fn rate_limit(
+/// `429 RATE_LIMITED` with `retry_after`. Keys without a limit get `Ok(None)`. With the Redis
+/// backend the decision is shared by every node; when Redis cannot decide, this node's local
+/// limiter does.
+pub async fn rate_limit(
     state: &AppState,
     prepared: &Prepared,
     now: keyward_core::model::Timestamp,
@@ -297,7 +304,16 @@ pub fn rate_limit(
     let now_ns = now.timestamp_nanos_opt().unwrap_or(i64::MAX);
     let key = &prepared.key;
     let bucket = key.parent_key_id.unwrap_or(key.id);
-    let d = state.limiter.check(bucket, &gcra, now_ns);
+    let d = match &state.config.rate_limit_backend {
+        crate::RateLimitBackend::Local => state.limiter.check(bucket, &gcra, now_ns),
+        crate::RateLimitBackend::Redis(redis) => match redis.check(bucket, &gcra, now_ns).await {
+            Some(Ok(d)) => d,
+            _ => {
+                crate::stats::stats().ratelimit_fallback.increment(1);
+                state.limiter.check(bucket, &gcra, now_ns)
+            }
+        },
+    };
     let headers = RateHeaders {
         limit: gcra.limit,
         remaining: d.remaining,
@@ -533,7 +549,7 @@ async fn authorize(
             return Err(ApiError::new(ErrorCode::PolicyDenied));
         }
     }
-    let (rate, limited) = rate_limit(state, prepared, now);
+    let (rate, limited) = rate_limit(state, prepared, now).await;
     meta.rate = rate;
     limited?;
     state

@@ -41,6 +41,9 @@ pub struct CacheSettings {
     pub negative_capacity: u64,
     /// How long an unknown digest is remembered.
     pub negative_ttl: Duration,
+    /// On a store several nodes share: how long cached answers are still served after the
+    /// change watch went down (see `coherence`). Past it, every lookup reads the store.
+    pub max_staleness: Duration,
 }
 
 impl Default for CacheSettings {
@@ -53,6 +56,7 @@ impl Default for CacheSettings {
             ttl: Duration::from_secs(600),
             negative_capacity: 100_000,
             negative_ttl: Duration::from_secs(10),
+            max_staleness: Duration::from_secs(5),
         }
     }
 }
@@ -249,23 +253,27 @@ impl VerifyCache {
     }
 
     /// The prepared snapshot of a digest at `now` (the request's time), or `None` for an unknown
-    /// token.
+    /// token. With `trust_cached` false (this node may have missed other nodes' writes for
+    /// longer than it may be stale) the store is read whatever the cache holds.
     pub async fn lookup(
         &self,
         store: &dyn Store,
         digest: TokenDigest,
         now: keyward_core::model::Timestamp,
+        trust_cached: bool,
     ) -> Result<Option<Arc<Prepared>>, StoreError> {
         let generation = self.generation.load(Ordering::Acquire);
         let now = now.timestamp_millis();
         let stats = crate::stats::stats();
-        if let Some(p) = self.found.get(&digest, generation, now) {
-            stats.cache_hit.increment(1);
-            return Ok(Some(p));
-        }
-        if self.missing.get(&digest, generation, now).is_some() {
-            stats.cache_negative_hit.increment(1);
-            return Ok(None);
+        if trust_cached {
+            if let Some(p) = self.found.get(&digest, generation, now) {
+                stats.cache_hit.increment(1);
+                return Ok(Some(p));
+            }
+            if self.missing.get(&digest, generation, now).is_some() {
+                stats.cache_negative_hit.increment(1);
+                return Ok(None);
+            }
         }
         stats.cache_miss.increment(1);
         // Coalesce: the first request for this digest reads the store; the others wait for it.
@@ -320,6 +328,7 @@ impl VerifyCache {
         store: &dyn Store,
         org_id: uuid::Uuid,
         agent_id: uuid::Uuid,
+        trust_cached: bool,
     ) -> Result<Option<Arc<keyward_core::model::Agent>>, StoreError> {
         let generation = self.generation.load(Ordering::Acquire);
         if let Some((g, a)) = self
@@ -327,6 +336,7 @@ impl VerifyCache {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&agent_id)
+            .filter(|_| trust_cached)
         {
             if *g == generation && a.org_id == org_id {
                 return Ok(Some(a.clone()));

@@ -19,6 +19,7 @@ pub mod audit;
 pub mod auth;
 pub mod bootstrap;
 pub mod cache;
+pub mod coherence;
 pub mod crypto;
 pub mod decisions;
 pub mod error;
@@ -31,6 +32,7 @@ pub mod openapi;
 pub mod ops;
 pub mod orgs;
 pub mod page;
+pub mod redis_limiter;
 pub mod render;
 pub mod request_id;
 pub mod signing;
@@ -61,6 +63,18 @@ pub struct ServerConfig {
     /// Failed authentications allowed per client IP (`limit` per `period_s`, `burst` at once)
     /// before that address is refused for a while; `None` turns the throttle off.
     pub failed_auth_limit: Option<keyward_core::model::RateLimitSpec>,
+    /// Where per-key rate-limit state lives.
+    pub rate_limit_backend: RateLimitBackend,
+}
+
+/// Where per-key rate-limit state lives (API.md §6.2).
+#[derive(Debug, Clone, Default)]
+pub enum RateLimitBackend {
+    /// In this node's memory: each node enforces each key's limit on its own.
+    #[default]
+    Local,
+    /// In Redis, shared by every node (falls back to the local limiter while Redis is down).
+    Redis(Arc<redis_limiter::RedisLimiter>),
 }
 
 /// The default failed-auth throttle: 100 failures at once, then 10 per second. Generous for a
@@ -102,13 +116,21 @@ pub struct Shared {
     pub decisions: decisions::DecisionLog,
     /// Failed authentications per client IP.
     pub auth_throttle: limiter::Limiter<std::net::IpAddr>,
+    /// Whether this node's caches reflect other nodes' writes (shared stores only).
+    pub coherence: coherence::Coherence,
 }
 
 impl AppState {
     /// The state of a server over `store` (no background tasks; `serve` starts those).
     pub fn new(config: ServerConfig, store: Arc<dyn Store>) -> AppState {
+        let coherence = coherence::Coherence::new(
+            store.is_shared(),
+            config.cache.max_staleness,
+            keyward_core::clock::truncate_to_millis(config.clock.now()).timestamp_millis(),
+        );
         AppState(Arc::new(Shared {
             store,
+            coherence,
             clock: config.clock.clone(),
             cache: cache::VerifyCache::new(config.cache),
             config,
@@ -230,6 +252,7 @@ pub async fn serve(
     ops::prometheus();
     let state = AppState::new(config, store);
     let flusher = tokio::spawn(flush_usage(state.clone()));
+    let watcher = tokio::spawn(coherence::run(state.clone()));
     let served = axum::serve(
         listener,
         app(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
@@ -237,6 +260,7 @@ pub async fn serve(
     .with_graceful_shutdown(shutdown)
     .await;
     flusher.abort();
+    watcher.abort();
     // The last counts of a graceful shutdown are written before the process goes.
     if let Err(e) = state.meter.flush(state.store.as_ref()).await {
         tracing::error!(error = %e, "final usage flush failed");
@@ -262,5 +286,7 @@ async fn flush_usage(state: AppState) {
         state.auth_throttle.prune(now_ns);
         metrics::gauge!("keyward_verify_cache_entries").set(state.cache.entries() as f64);
         metrics::gauge!("keyward_usage_flush_lag_seconds").set(last_ok.elapsed().as_secs_f64());
+        metrics::gauge!("keyward_cache_staleness_seconds")
+            .set(state.coherence.lag_ms(now_ns / 1_000_000) as f64 / 1000.0);
     }
 }

@@ -21,7 +21,14 @@ pub async fn me(
     };
     let agent = state
         .cache
-        .agent(state.store.as_ref(), caller.org_id(), agent_id)
+        .agent(
+            state.store.as_ref(),
+            caller.org_id(),
+            agent_id,
+            state
+                .coherence
+                .fresh_with(|| state.now().timestamp_millis()),
+        )
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::AgentNotFound))?;
     Ok(Json(proto::MeResponse {

@@ -14,6 +14,7 @@ use rustc_hash::FxHashMap;
 
 use crate::error::ApiError;
 use crate::AppState;
+use serde_json::json;
 
 /// `GET /healthz`: the process is up.
 #[utoipa::path(get, path = "/healthz", tag = "ops", responses((status = 200, body = proto::Health)))]
@@ -23,11 +24,31 @@ pub async fn healthz() -> Json<proto::Health> {
     })
 }
 
-/// `GET /readyz`: the store answers.
+/// `GET /readyz`: the store answers and, on a store several nodes share, this node's caches are
+/// in sync with the other nodes' writes (its change watch is live or was within the staleness
+/// bound).
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses((status = 200, body = proto::Health), (status = 503, body = proto::ErrorBody)))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    match state.store.ping().await {
+    let now_ms = state.now().timestamp_millis();
+    if !state.coherence.fresh(now_ms) {
+        tracing::warn!(
+            lag_ms = state.coherence.lag_ms(now_ms),
+            "not ready: the change watch has been down for longer than the staleness bound"
+        );
+        return ApiError::new(ErrorCode::StoreUnavailable)
+            .msg("not in sync with the other nodes: the store's change watch is down")
+            .details(json!({ "stale_for_ms": state.coherence.lag_ms(now_ms) }))
+            .into_response();
+    }
+    let ping = tokio::time::timeout(std::time::Duration::from_secs(1), state.store.ping())
+        .await
+        .unwrap_or_else(|_| {
+            Err(keyward_store::StoreError::Unavailable(
+                "the store did not answer within 1 s".into(),
+            ))
+        });
+    match ping {
         Ok(()) => Json(proto::Health {
             status: "ready".into(),
         })

@@ -14,6 +14,8 @@ pub struct Stats {
     pub cache_negative_hit: Counter,
     pub ratelimit_allowed: Counter,
     pub ratelimit_refused: Counter,
+    /// Decisions the local limiter made because the shared (Redis) one could not.
+    pub ratelimit_fallback: Counter,
     /// Verifications by outcome: one per error code (table order), then `VALID`.
     verifications: Vec<Counter>,
 }
@@ -45,6 +47,7 @@ pub fn stats() -> &'static Stats {
             cache_negative_hit: metrics::counter!("keyward_verify_cache_total", "result" => "negative_hit"),
             ratelimit_allowed: metrics::counter!("keyward_ratelimit_decisions_total", "allowed" => "true"),
             ratelimit_refused: metrics::counter!("keyward_ratelimit_decisions_total", "allowed" => "false"),
+            ratelimit_fallback: metrics::counter!("keyward_ratelimit_fallback_total"),
             verifications,
         }
     })

@@ -6,9 +6,12 @@
 //! interval of counts, never a state change. The usage endpoint adds the counts not yet flushed,
 //! so this node's answers are current.
 //!
-//! Quotas are counted exactly on this node: the first use of a key in a period loads the count
-//! the store already has, and from then on every use takes one unit under a lock, so N concurrent
-//! calls against a quota of Q succeed exactly min(N, Q) times.
+//! Quotas are counted exactly. On a store only this node writes (SQLite), in memory: the first
+//! use of a key in a period loads the count the store already has, and from then on every use
+//! takes one unit under a lock, so N concurrent calls against a quota of Q succeed exactly
+//! min(N, Q) times. On a store several nodes share (PostgreSQL), every use of a key with a quota
+//! takes its unit in the store with one conditional increment, so the nodes together admit
+//! exactly Q; that costs one round trip per use, and only for keys that have a quota.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
@@ -122,6 +125,9 @@ impl Meter {
         now: Timestamp,
     ) -> Result<Option<QuotaUse>, ApiError> {
         let Some(q) = key.quota else { return Ok(None) };
+        if store.is_shared() {
+            return self.take_shared(store, key, q.limit, q.period, now).await;
+        }
         let current = |c: &QuotaCounter| c.period_start <= now && now < c.period_end;
         // The common case: the counter of this period is here; one lock takes the unit.
         let mut alerts = Vec::new();
@@ -166,6 +172,38 @@ impl Meter {
         result.map(Some)
     }
 
+    /// Takes the unit in a store shared by several nodes; the node whose take crosses a
+    /// threshold is the one that announces it.
+    async fn take_shared(
+        &self,
+        store: &dyn Store,
+        key: &Key,
+        limit: u64,
+        period: keyward_core::model::QuotaPeriod,
+        now: Timestamp,
+    ) -> Result<Option<QuotaUse>, ApiError> {
+        let start = period_start(period, now);
+        let end = period_end(period, now);
+        let Some(used) = store.take_quota_unit(key.id, start, limit).await? else {
+            return Err(exceeded(limit, end, now));
+        };
+        let alerts: Vec<ThresholdAlert> = key
+            .alert_thresholds
+            .iter()
+            .filter(|t| {
+                let reached = |n: u64| n as u128 * 100 >= **t as u128 * limit as u128;
+                reached(used) && !reached(used - 1)
+            })
+            .map(|t| alert(key, start, *t, used, limit, now))
+            .collect();
+        self.push_alerts(alerts);
+        Ok(Some(QuotaUse {
+            limit,
+            used,
+            resets_at: end,
+        }))
+    }
+
     fn push_alerts(&self, alerts: Vec<ThresholdAlert>) {
         if let Some(a) = alerts.first() {
             let mut p = self
@@ -191,6 +229,14 @@ impl Meter {
         let Some(q) = key.quota else { return Ok(None) };
         let start = period_start(q.period, now);
         let end = period_end(q.period, now);
+        if store.is_shared() {
+            let used = store.quota_units(key.id, start).await?;
+            return Ok(Some(QuotaUse {
+                limit: q.limit,
+                used: used.min(q.limit),
+                resets_at: end,
+            }));
+        }
         let in_memory = {
             let g = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
             g.get(&key.id)
@@ -310,13 +356,7 @@ fn take(
 ) -> Result<QuotaUse, ApiError> {
     let end = c.period_end;
     if c.used >= limit {
-        let secs = (end - now).num_seconds().max(1) as u64;
-        let mut e = ApiError::new(ErrorCode::QuotaExceeded).details(json!({
-            "limit": limit,
-            "resets_at": keyward_proto::ts::format(&end),
-        }));
-        e.retry_after = Some(secs);
-        return Err(e);
+        return Err(exceeded(limit, end, now));
     }
     c.used += 1;
     for t in &key.alert_thresholds {
@@ -330,6 +370,17 @@ fn take(
         used: c.used,
         resets_at: end,
     })
+}
+
+/// `429 QUOTA_EXCEEDED`, retryable when the period ends.
+fn exceeded(limit: u64, end: Timestamp, now: Timestamp) -> ApiError {
+    let secs = (end - now).num_seconds().max(1) as u64;
+    let mut e = ApiError::new(ErrorCode::QuotaExceeded).details(json!({
+        "limit": limit,
+        "resets_at": keyward_proto::ts::format(&end),
+    }));
+    e.retry_after = Some(secs);
+    e
 }
 
 fn alert(

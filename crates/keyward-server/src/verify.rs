@@ -122,7 +122,7 @@ async fn decide(
     if !p.rules.is_empty() && rules::first_denial(&p.rules, &facts()).is_some() {
         return (Err(ErrorCode::PolicyDenied), None, None);
     }
-    let (rate, limited) = rate_limit(state, p, now);
+    let (rate, limited) = rate_limit(state, p, now).await;
     if limited.is_err() {
         return (Err(ErrorCode::RateLimited), rate, None);
     }

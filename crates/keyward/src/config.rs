@@ -59,6 +59,18 @@ pub struct ServeArgs {
     /// Failed authentications allowed at once per client IP.
     #[arg(long, env = "KEYWARD_FAILED_AUTH_BURST")]
     pub failed_auth_burst: Option<u64>,
+    /// On PostgreSQL: milliseconds a node keeps answering from its cache after losing sight of
+    /// the other nodes' writes (its change watch is down); past it, every verification reads
+    /// the store, or fails with 503 when the store cannot answer.
+    #[arg(long, env = "KEYWARD_MAX_STALENESS_MS")]
+    pub max_staleness_ms: Option<u64>,
+    /// Where per-key rate-limit state lives: `local` (each node on its own) or `redis` (shared
+    /// by every node; needs --redis-url).
+    #[arg(long, env = "KEYWARD_RATE_LIMIT_BACKEND")]
+    pub rate_limit_backend: Option<String>,
+    /// `redis://host:port/db` for the redis rate-limit backend.
+    #[arg(long, env = "KEYWARD_REDIS_URL")]
+    pub redis_url: Option<String>,
 }
 
 /// The TOML file's shape.
@@ -77,6 +89,17 @@ pub struct FileConfig {
     pub usage_flush_ms: Option<u64>,
     pub failed_auth_per_minute: Option<u64>,
     pub failed_auth_burst: Option<u64>,
+    pub max_staleness_ms: Option<u64>,
+    pub rate_limit_backend: Option<String>,
+    pub redis_url: Option<String>,
+}
+
+/// Where rate-limit state lives, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateLimitBackend {
+    Local,
+    /// The Redis URL (it may carry a password: never printed).
+    Redis(String),
 }
 
 /// The resolved configuration.
@@ -90,6 +113,7 @@ pub struct Config {
     pub cache: keyward_server::cache::CacheSettings,
     pub usage_flush: std::time::Duration,
     pub failed_auth_limit: Option<keyward_core::model::RateLimitSpec>,
+    pub rate_limit_backend: RateLimitBackend,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8470";
@@ -169,6 +193,39 @@ impl Config {
             )?
             .map(std::time::Duration::from_secs)
             .unwrap_or(defaults.negative_ttl),
+            max_staleness: positive(
+                "max_staleness_ms",
+                pick(s.and_then(|s| s.max_staleness_ms), file.max_staleness_ms),
+            )?
+            .map(std::time::Duration::from_millis)
+            .unwrap_or(defaults.max_staleness),
+        };
+        let redis_url = s.and_then(|s| s.redis_url.clone()).or(file.redis_url);
+        let backend = s
+            .and_then(|s| s.rate_limit_backend.clone())
+            .or(file.rate_limit_backend);
+        let rate_limit_backend = match (backend.as_deref(), redis_url) {
+            (None | Some("local"), None) => RateLimitBackend::Local,
+            (None | Some("redis"), Some(url)) => {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err("invalid redis_url (expected redis://host:port/db)".to_string());
+                }
+                RateLimitBackend::Redis(url)
+            }
+            (Some("redis"), None) => {
+                return Err("rate_limit_backend redis needs redis_url (--redis-url)".to_string())
+            }
+            (Some("local"), Some(_)) => {
+                return Err(
+                    "redis_url is set but rate_limit_backend is local; drop one of them"
+                        .to_string(),
+                )
+            }
+            (Some(other), _) => {
+                return Err(format!(
+                    "invalid rate_limit_backend `{other}` (expected local or redis)"
+                ))
+            }
         };
         let usage_flush = positive(
             "usage_flush_ms",
@@ -195,6 +252,7 @@ impl Config {
             }
         };
         Ok(Config {
+            rate_limit_backend,
             cache,
             usage_flush,
             failed_auth_limit,

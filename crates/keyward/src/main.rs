@@ -304,8 +304,17 @@ async fn serve(config: Config) -> Result<(), Failure> {
     let store = open_store(&config).await?;
     let master_key = master_key(&config.data_dir)?;
     if store.first_org().await?.is_none() {
-        let (org, key) =
-            keyward_server::bootstrap::create_org(store.as_ref(), &SystemClock, "default").await?;
+        let created =
+            keyward_server::bootstrap::create_org(store.as_ref(), &SystemClock, "default").await;
+        let (org, key) = match created {
+            Ok(created) => created,
+            // Several nodes started at once on an empty shared database: one created the org,
+            // and its root key went to that node's data dir.
+            Err(keyward_server::bootstrap::BootstrapError::NameTaken(_)) => {
+                return serve_store(config, store, listener, shutdown, master_key).await;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let path = config.data_dir.join("root-key");
         write_private(&path, format!("{}\n", key.expose()).as_bytes())?;
         println!("Created org `default` ({}).", org.id);
@@ -315,6 +324,32 @@ async fn serve(config: Config) -> Result<(), Failure> {
             key.expose()
         );
     }
+    serve_store(config, store, listener, shutdown, master_key).await
+}
+
+/// Serves an opened, bootstrapped store until the shutdown signal.
+async fn serve_store(
+    config: Config,
+    store: Arc<dyn Store>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    master_key: MasterKey,
+) -> Result<(), Failure> {
+    let rate_limit_backend = match &config.rate_limit_backend {
+        config::RateLimitBackend::Local => keyward_server::RateLimitBackend::Local,
+        config::RateLimitBackend::Redis(url) => {
+            let limiter = keyward_server::redis_limiter::RedisLimiter::new(url)?;
+            // Not fatal: the node decides locally until Redis answers (and says so).
+            match limiter.connect().await {
+                Ok(()) => tracing::info!("rate limits are shared through Redis"),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "Redis is unavailable at start; rate limits are local until it answers"
+                ),
+            }
+            keyward_server::RateLimitBackend::Redis(Arc::new(limiter))
+        }
+    };
     let addr = listener.local_addr()?;
     println!("Keyward listening on http://{addr}");
     let _ = std::io::stdout().flush();
@@ -326,6 +361,7 @@ async fn serve(config: Config) -> Result<(), Failure> {
         cache: config.cache,
         usage_flush_interval: config.usage_flush,
         failed_auth_limit: config.failed_auth_limit,
+        rate_limit_backend,
     };
     let served = keyward_server::serve(server_config, store.clone(), listener, shutdown).await;
     // Checkpoint and close the database so the data file alone is complete after a stop.

@@ -141,6 +141,7 @@ impl TestServer {
             cache: Default::default(),
             usage_flush_interval: std::time::Duration::from_millis(200),
             failed_auth_limit: Some(keyward_server::DEFAULT_FAILED_AUTH_LIMIT),
+            rate_limit_backend: keyward_server::RateLimitBackend::Local,
         };
         configure(&mut config);
         let s = store.clone();

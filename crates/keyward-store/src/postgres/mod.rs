@@ -55,8 +55,10 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 /// (100) when several nodes share it.
 const POOL_SIZE: u32 = 16;
 
-/// How long a call waits for a connection before the store reports itself unavailable.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a call waits for a connection before the store reports itself unavailable: long
+/// enough to ride out a burst that has every connection busy, short enough that while
+/// PostgreSQL is down requests fail with 503 in seconds rather than hang.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn migrator() -> Migrator {
     let migrations: Vec<Migration> = MIGRATIONS
