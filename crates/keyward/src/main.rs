@@ -84,7 +84,22 @@ impl<E: std::fmt::Display> From<E> for Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let cli = match cli.command {
-        Command::Client(command) => return client::main(command, cli.global.log, Cli::command),
+        Command::Client(command) => {
+            // `--config`, `--data-dir` and `--database-url` are the server's; a client command
+            // would silently ignore them, so a flag given by hand is refused instead.
+            let by_hand = |given: bool, env: &str| given && std::env::var_os(env).is_none();
+            if by_hand(cli.global.config.is_some(), "KEYWARD_CONFIG")
+                || by_hand(cli.global.data_dir.is_some(), "KEYWARD_DATA_DIR")
+                || by_hand(cli.global.database_url.is_some(), "KEYWARD_DATABASE_URL")
+            {
+                eprintln!(
+                    "error: --config, --data-dir and --database-url are server settings; client \
+                     commands talk to a server (--base-url) and read --client-config"
+                );
+                return ExitCode::from(2);
+            }
+            return client::main(command, cli.global.log, Cli::command);
+        }
         command => Cli { command, ..cli },
     };
     let serve_args = match &cli.command {

@@ -947,4 +947,8 @@ fn completions_are_printed_for_each_shell() {
         );
     }
     s.kw(&["completions", "tcsh"]).usage_error();
+    // The server's settings mean nothing to a client command: refused, not ignored.
+    let out = s.kw(&["agents", "list", "--config", "server.toml"]);
+    out.usage_error();
+    assert!(out.stderr.contains("--client-config"), "{out:?}");
 }
