@@ -897,3 +897,103 @@ async fn request_carries_the_key_trace_constraints_and_signature_to_a_service_th
         assert!(matches!(r.send().await, Err(Error::Config(_))));
     }
 }
+
+/// Each request's path and `Idempotency-Key`, in arrival order.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>;
+
+/// A stand-in for Keyward that answers `503 STORE_UNAVAILABLE` to the first request of each
+/// path and then what `ok` says, recording every request's `Idempotency-Key`.
+async fn start_flaky_keyward(
+    ok: serde_json::Value,
+) -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>,
+) {
+    use axum::http::{HeaderMap, StatusCode, Uri};
+    use axum::response::IntoResponse;
+    use std::sync::Arc;
+
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    let handler = move |uri: Uri, headers: HeaderMap| {
+        let log = log.clone();
+        let ok = ok.clone();
+        async move {
+            let key = headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let first = {
+                let mut log = log.lock().unwrap();
+                let first = !log.iter().any(|(p, _)| p == uri.path());
+                log.push((uri.path().to_string(), key));
+                first
+            };
+            if first {
+                let body = serde_json::json!({"error": {"code": "STORE_UNAVAILABLE",
+                    "message": "The store is unavailable", "status": 503,
+                    "request_id": "req_flaky", "details": {}}});
+                (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+            } else {
+                (StatusCode::CREATED, axum::Json(ok)).into_response()
+            }
+        }
+    };
+    let router = axum::Router::new().fallback(handler);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (format!("http://{addr}"), seen)
+}
+
+#[tokio::test]
+async fn a_creating_call_retried_after_503_reuses_its_idempotency_key_and_updates_are_sent_once() {
+    // A real creation answer, replayed by the stand-in after its 503.
+    let s = TestServer::start().await;
+    let real = s
+        .create_agent_with(serde_json::json!({"name": "replayed", "scopes": {}}))
+        .await;
+    let (base, seen) = start_flaky_keyward(real.clone()).await;
+    let app = App::new(&base, &s.root_key, s.org_id.parse().unwrap())
+        .unwrap()
+        .with_retry(keyward_client::RetryPolicy {
+            max_retries: 2,
+            base_delay: std::time::Duration::from_millis(10),
+            max_delay: std::time::Duration::from_secs(1),
+        });
+    let created = app
+        .agents()
+        .create(&proto::CreateAgentRequest {
+            name: "replayed".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        created.agent.id.to_string(),
+        real["agent"]["id"].as_str().unwrap()
+    );
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2, "one 503, one retry: {seen:?}");
+        let key = seen[0]
+            .1
+            .clone()
+            .expect("a creating call carries an Idempotency-Key");
+        assert_eq!(
+            seen[1].1.as_deref(),
+            Some(key.as_str()),
+            "the retry reuses it"
+        );
+    }
+    // An update is not repeated: the 503 comes back as its typed error.
+    let e = app
+        .agents()
+        .update(created.agent.id, &proto::UpdateAgentRequest::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::StoreUnavailable(_)), "{e:?}");
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 3, "sent once");
+    assert_eq!(seen[2].1, None, "updates carry no Idempotency-Key");
+}
