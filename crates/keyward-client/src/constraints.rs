@@ -10,6 +10,7 @@ use crate::Error;
 /// What to narrow: scopes (a subset of the key's), a deny rule, or both.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Constraints {
+    /// Scopes for the request, implied by the key's; they replace the key's scopes for it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scopes: Option<Vec<String>>,
     /// A rule as in API.md §6.4: `{"rule_type": "json_match", "rule_body": {"when": {...},

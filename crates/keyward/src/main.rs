@@ -1,6 +1,7 @@
 //! The `keyward` binary: `serve` runs the server (embedded SQLite by default, PostgreSQL with
 //! `--database-url postgres://...`), `init` and `orgs create` bootstrap orgs and print their root
-//! keys, `migrate` brings the schema up to date.
+//! keys, `migrate` brings the schema up to date. The client commands (`setup`, `config`,
+//! `agents`, `keys`, `audit`, `completions`) live in `client` and talk to a server over HTTP.
 
 use std::io::Write;
 use std::path::Path;
@@ -8,13 +9,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use base64::Engine;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use keyward_core::clock::SystemClock;
 use keyward_server::{MasterKey, ServerConfig};
 use keyward_store::postgres::PostgresStore;
 use keyward_store::sqlite::SqliteStore;
 use keyward_store::Store;
 
+mod client;
 mod config;
 
 /// mimalloc instead of the system allocator: the verify cache holds millions of small
@@ -54,6 +56,8 @@ enum Command {
     },
     /// Apply pending database migrations and exit.
     Migrate,
+    #[command(flatten)]
+    Client(client::Command),
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,6 +83,25 @@ impl<E: std::fmt::Display> From<E> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let cli = match cli.command {
+        Command::Client(command) => {
+            // `--config`, `--data-dir` and `--database-url` are the server's; a client command
+            // would silently ignore them, so a flag given by hand is refused instead.
+            let by_hand = |given: bool, env: &str| given && std::env::var_os(env).is_none();
+            if by_hand(cli.global.config.is_some(), "KEYWARD_CONFIG")
+                || by_hand(cli.global.data_dir.is_some(), "KEYWARD_DATA_DIR")
+                || by_hand(cli.global.database_url.is_some(), "KEYWARD_DATABASE_URL")
+            {
+                eprintln!(
+                    "error: --config, --data-dir and --database-url are server settings; client \
+                     commands talk to a server (--base-url) and read --client-config"
+                );
+                return ExitCode::from(2);
+            }
+            return client::main(command, cli.global.log, Cli::command);
+        }
+        command => Cli { command, ..cli },
+    };
     let serve_args = match &cli.command {
         Command::Serve(s) => Some(s),
         _ => None,
@@ -156,6 +179,7 @@ async fn run(command: Command, config: Config) -> Result<(), Failure> {
             println!("migrations applied");
             Ok(())
         }
+        Command::Client(_) => Err(Failure("client commands are run by client::main".into())),
     }
 }
 
