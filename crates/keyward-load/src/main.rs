@@ -50,6 +50,10 @@ struct Args {
     /// The keyward binary to start.
     #[arg(long, default_value = "target/release/keyward")]
     bin: PathBuf,
+    /// Run on this PostgreSQL database instead of the embedded SQLite store. It must be empty:
+    /// use a fresh schema (`...?options=-csearch_path%3Dkwload_1`, created beforehand).
+    #[arg(long)]
+    database_url: Option<String>,
 }
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -74,12 +78,22 @@ fn rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-fn init(bin: &PathBuf, data: &std::path::Path) -> Result<(Uuid, String), Failure> {
-    let out = Command::new(bin)
-        .args(["--log", "warn", "--data-dir"])
-        .arg(data)
-        .args(["init", "--json"])
-        .output()?;
+/// `keyward` with the run's data dir and, when given, database URL.
+fn keyward(bin: &PathBuf, data: &std::path::Path, db: Option<&str>) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.args(["--log", "warn", "--data-dir"]).arg(data);
+    if let Some(url) = db {
+        cmd.args(["--database-url", url]);
+    }
+    cmd
+}
+
+fn init(
+    bin: &PathBuf,
+    data: &std::path::Path,
+    db: Option<&str>,
+) -> Result<(Uuid, String), Failure> {
+    let out = keyward(bin, data, db).args(["init", "--json"]).output()?;
     if !out.status.success() {
         return Err(format!(
             "keyward init failed: {}",
@@ -130,8 +144,16 @@ fn agent_key(
 }
 
 /// Seeds one agent with `n` keys; returns every plaintext.
-async fn seed(data: &std::path::Path, org_id: Uuid, n: usize) -> Result<Vec<String>, Failure> {
-    let store = SqliteStore::open(&data.join("keyward.db")).await?;
+async fn seed(
+    data: &std::path::Path,
+    db: Option<&str>,
+    org_id: Uuid,
+    n: usize,
+) -> Result<Vec<String>, Failure> {
+    let store: Box<dyn keyward_store::Store> = match db {
+        Some(url) => Box::new(keyward_store::postgres::PostgresStore::connect(url).await?),
+        None => Box::new(SqliteStore::open(&data.join("keyward.db")).await?),
+    };
     let now = keyward_core::clock::truncate_to_millis(chrono_now());
     let scopes = vec![Scope::parse("slack:chat:write")?];
     let agent = Agent {
@@ -180,11 +202,13 @@ fn chrono_now() -> keyward_core::model::Timestamp {
     keyward_core::clock::SystemClock.now()
 }
 
-async fn start(bin: &PathBuf, data: &std::path::Path) -> Result<(Server, Duration), Failure> {
+async fn start(
+    bin: &PathBuf,
+    data: &std::path::Path,
+    db: Option<&str>,
+) -> Result<(Server, Duration), Failure> {
     let started = Instant::now();
-    let mut child = Command::new(bin)
-        .args(["--log", "warn", "--data-dir"])
-        .arg(data)
+    let mut child = keyward(bin, data, db)
         .args(["serve", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -341,16 +365,17 @@ async fn main() -> Result<(), Failure> {
     }
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    let (org_id, root) = init(&args.bin, &data)?;
+    let db = args.database_url.as_deref();
+    let (org_id, root) = init(&args.bin, &data, db)?;
     let t = Instant::now();
-    let tokens = Arc::new(seed(&data, org_id, args.keys).await?);
+    let tokens = Arc::new(seed(&data, db, org_id, args.keys).await?);
     println!(
         "seeded {} keys in {:.1} s",
         tokens.len(),
         t.elapsed().as_secs_f64()
     );
 
-    let (server, ready) = start(&args.bin, &data).await?;
+    let (server, ready) = start(&args.bin, &data, db).await?;
     let pid = server.child.id();
     println!(
         "keyward serve ready in {:.0} ms with {} keys (RSS {:.0} MiB)",
