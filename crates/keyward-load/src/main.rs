@@ -32,7 +32,6 @@ use keyward_core::model::{Agent, AgentStatus, AgentType, AuditEvent, Key, Outcom
 use keyward_core::scope::Scope;
 use keyward_core::token::{self, Environment, TokenKind};
 use keyward_store::sqlite::SqliteStore;
-use keyward_store::Store;
 use uuid::Uuid;
 
 #[derive(Debug, Parser)]
