@@ -38,6 +38,10 @@ mod trace;
 mod transport;
 
 pub use agent::{AgentClient, AgentRequest};
+
+/// The workload client under the name the SDK's guide uses (`keyward_client::Agent`); the agent
+/// *record* stays `proto::Agent`.
+pub type Agent = AgentClient;
 pub use app::{
     Agents, App, Audit, AuditQuery, Granularity, Keys, ListAgents, ListKeys, UsageQuery,
 };

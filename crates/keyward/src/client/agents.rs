@@ -6,7 +6,7 @@ use clap::Subcommand;
 use keyward_client::{proto, App, ListAgents};
 use uuid::Uuid;
 
-use super::output::{or_dash, when, when_opt, Out};
+use super::output::{or_dash, print_listing, when, when_opt, Out};
 use super::{parse_duration, parse_object, CliError, CliResult, Ctx};
 
 /// `keyward agents ...`.
@@ -258,33 +258,19 @@ pub async fn run(ctx: &Ctx, command: AgentsCommand) -> CliResult {
                 limit,
                 offset,
             };
-            if all {
-                let mut pages = app.agents().pages(opts);
-                let mut agents = Vec::new();
-                while let Some(page) = pages.next_page().await? {
-                    agents.extend(page);
-                    out.progress("agents", pages.fetched());
-                }
-                out.progress_done();
-                if out.json() {
-                    out.print_json(&serde_json::json!({ "agents": agents, "has_more": false }));
-                } else {
-                    print_agents(out, &agents);
-                }
-            } else {
-                let page = app.agents().list(&opts).await?;
-                if out.json() {
-                    out.print_json(&page);
-                } else {
-                    print_agents(out, &page.agents);
-                    if page.has_more {
-                        eprintln!(
-                            "(more: --offset {} or --all)",
-                            page.offset + page.agents.len() as u64
-                        );
-                    }
-                }
-            }
+            print_listing(
+                out,
+                "agents",
+                all.then(|| app.agents().pages(opts.clone())),
+                async {
+                    let page = app.agents().list(&opts).await?;
+                    let (items, has_more, offset) =
+                        (page.agents.clone(), page.has_more, page.offset);
+                    Ok((page, items, has_more, offset))
+                },
+                print_agents,
+            )
+            .await?;
         }
         AgentsCommand::Get { agent } => {
             let id = agent_id(&app, &agent).await?;

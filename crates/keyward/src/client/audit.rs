@@ -5,7 +5,7 @@ use keyward_client::AuditQuery;
 use uuid::Uuid;
 
 use super::agents::agent_id;
-use super::output::{or_dash, when, Out};
+use super::output::{or_dash, print_listing, when, Out};
 use super::{parse_time, CliResult, Ctx};
 
 /// `keyward audit ...`.
@@ -106,32 +106,17 @@ pub async fn run(ctx: &Ctx, command: AuditCommand) -> CliResult {
         limit,
         offset,
     };
-    if all {
-        let mut pages = app.audit().pages(q);
-        let mut events = Vec::new();
-        while let Some(page) = pages.next_page().await? {
-            events.extend(page);
-            out.progress("events", pages.fetched());
-        }
-        out.progress_done();
-        if out.json() {
-            out.print_json(&serde_json::json!({ "events": events, "has_more": false }));
-        } else {
-            print_events(out, &events);
-        }
-    } else {
-        let page = app.audit().list(&q).await?;
-        if out.json() {
-            out.print_json(&page);
-        } else {
-            print_events(out, &page.events);
-            if page.has_more {
-                eprintln!(
-                    "(more: --offset {} or --all)",
-                    page.offset + page.events.len() as u64
-                );
-            }
-        }
-    }
+    print_listing(
+        out,
+        "events",
+        all.then(|| app.audit().pages(q.clone())),
+        async {
+            let page = app.audit().list(&q).await?;
+            let (items, has_more, offset) = (page.events.clone(), page.has_more, page.offset);
+            Ok((page, items, has_more, offset))
+        },
+        print_events,
+    )
+    .await?;
     Ok(())
 }

@@ -6,7 +6,7 @@ use keyward_client::{proto, Granularity, ListKeys, UsageQuery};
 use uuid::Uuid;
 
 use super::agents::agent_id;
-use super::output::{or_dash, sparkline, when, when_opt, Out};
+use super::output::{or_dash, print_listing, sparkline, when, when_opt, Out};
 use super::{parse_duration, parse_object, parse_time, read_line, CliError, CliResult, Ctx};
 
 /// `keyward keys ...`.
@@ -436,33 +436,18 @@ pub async fn run(ctx: &Ctx, command: KeysCommand) -> CliResult {
                 limit,
                 offset,
             };
-            if all {
-                let mut pages = app.keys().pages(opts);
-                let mut keys = Vec::new();
-                while let Some(page) = pages.next_page().await? {
-                    keys.extend(page);
-                    out.progress("keys", pages.fetched());
-                }
-                out.progress_done();
-                if out.json() {
-                    out.print_json(&serde_json::json!({ "keys": keys, "has_more": false }));
-                } else {
-                    print_keys(out, &keys);
-                }
-            } else {
-                let page = app.keys().list(&opts).await?;
-                if out.json() {
-                    out.print_json(&page);
-                } else {
-                    print_keys(out, &page.keys);
-                    if page.has_more {
-                        eprintln!(
-                            "(more: --offset {} or --all)",
-                            page.offset + page.keys.len() as u64
-                        );
-                    }
-                }
-            }
+            print_listing(
+                out,
+                "keys",
+                all.then(|| app.keys().pages(opts.clone())),
+                async {
+                    let page = app.keys().list(&opts).await?;
+                    let (items, has_more, offset) = (page.keys.clone(), page.has_more, page.offset);
+                    Ok((page, items, has_more, offset))
+                },
+                print_keys,
+            )
+            .await?;
         }
         KeysCommand::Get { id } => show(out, &ctx.app()?.keys().get(id).await?),
         KeysCommand::Revoke { id, force } => {

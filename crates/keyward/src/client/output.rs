@@ -190,6 +190,42 @@ pub fn when_opt(t: &Option<chrono::DateTime<chrono::Utc>>) -> String {
     t.as_ref().map(when).unwrap_or_else(|| "-".into())
 }
 
+/// Prints a listing: with `all`, every page (counting them on stderr) as one list; otherwise the
+/// one page the server gave, with a hint on stderr when there are more. `noun` names the list in
+/// JSON (`{"agents": [...], "has_more": false}`) and in the progress line.
+pub async fn print_listing<T: Serialize, P: Serialize>(
+    out: &Out,
+    noun: &str,
+    all: Option<keyward_client::Pages<'_, T>>,
+    one_page: impl std::future::Future<Output = keyward_client::Result<(P, Vec<T>, bool, u64)>>,
+    print: impl Fn(&Out, &[T]),
+) -> keyward_client::Result<()> {
+    if let Some(mut pages) = all {
+        let mut items = Vec::new();
+        while let Some(page) = pages.next_page().await? {
+            items.extend(page);
+            out.progress(noun, pages.fetched());
+        }
+        out.progress_done();
+        if out.json() {
+            out.print_json(&serde_json::json!({ noun: items, "has_more": false }));
+        } else {
+            print(out, &items);
+        }
+        return Ok(());
+    }
+    let (page, items, has_more, offset) = one_page.await?;
+    if out.json() {
+        out.print_json(&page);
+    } else {
+        print(out, &items);
+        if has_more {
+            eprintln!("(more: --offset {} or --all)", offset + items.len() as u64);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
