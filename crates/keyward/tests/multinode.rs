@@ -361,6 +361,36 @@ async fn mint(
     )
 }
 
+/// Counts `200`s and `429`s carrying `refusal`; anything else fails the test.
+fn tally(answers: &[(u16, Value)], refusal: &str) -> (usize, usize) {
+    let (mut ok, mut refused) = (0, 0);
+    for (status, body) in answers {
+        match status {
+            200 => ok += 1,
+            429 if body["error"]["code"] == refusal => refused += 1,
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    (ok, refused)
+}
+
+/// The node's `keyward_ratelimit_fallback_total`.
+async fn fallback_count(http: &reqwest::Client, node: &Node) -> f64 {
+    let text = http
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("keyward_ratelimit_fallback_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[i]
@@ -441,27 +471,21 @@ async fn two_nodes_agree_on_revocations_rate_limits_and_quotas() {
         json!({ "rate_limit": { "limit": 10, "period_s": 3600, "burst": 10 } }),
     )
     .await;
-    let mut allowed = 0;
-    let mut refused = 0;
+    let mut answers = Vec::new();
     for i in 0..40 {
         let node = if i % 2 == 0 { &n1 } else { &n2 };
-        let (status, body) = call(
-            &http,
-            reqwest::Method::GET,
-            node.url("/v1/me"),
-            &limited,
-            None,
-        )
-        .await;
-        match status {
-            200 => allowed += 1,
-            429 => {
-                assert_eq!(body["error"]["code"], "RATE_LIMITED", "{body}");
-                refused += 1;
-            }
-            other => panic!("unexpected {other}: {body}"),
-        }
+        answers.push(
+            call(
+                &http,
+                reqwest::Method::GET,
+                node.url("/v1/me"),
+                &limited,
+                None,
+            )
+            .await,
+        );
     }
+    let (allowed, refused) = tally(&answers, "RATE_LIMITED");
     eprintln!(
         "shared rate limit 10/h over two nodes, 40 calls: {allowed} allowed, {refused} refused"
     );
@@ -493,18 +517,11 @@ async fn two_nodes_agree_on_revocations_rate_limits_and_quotas() {
             tokio::spawn(async move { call(&http, reqwest::Method::GET, url, &key, None).await })
         })
         .collect();
-    let (mut ok, mut exceeded) = (0, 0);
+    let mut answers = Vec::new();
     for c in calls {
-        let (status, body) = c.await.unwrap();
-        match status {
-            200 => ok += 1,
-            429 => {
-                assert_eq!(body["error"]["code"], "QUOTA_EXCEEDED", "{body}");
-                exceeded += 1;
-            }
-            other => panic!("unexpected {other}: {body}"),
-        }
+        answers.push(c.await.unwrap());
     }
+    let (ok, exceeded) = tally(&answers, "QUOTA_EXCEEDED");
     eprintln!(
         "quota 100 under 300 concurrent calls over two nodes: {ok} allowed, {exceeded} refused"
     );
@@ -710,20 +727,7 @@ async fn a_node_whose_redis_goes_away_falls_back_to_its_local_limiter() {
         "the local limiter takes over with the same limit: never no limit ({statuses:?})"
     );
     assert!(statuses.iter().all(|s| *s == 200 || *s == 429));
-    let metrics = http
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let fallback: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("keyward_ratelimit_fallback_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
+    let fallback = fallback_count(&http, &node).await;
     assert!(
         fallback >= 12.0,
         "every local decision is counted: {fallback}"
@@ -739,14 +743,6 @@ async fn a_node_whose_redis_goes_away_falls_back_to_its_local_limiter() {
     // its limits again. Redis still holds the 3 uses from before the cut, so 2 more are allowed
     // there in all.
     proxy.restore().await;
-    let fallbacks = |http: reqwest::Client, url: String| async move {
-        let text = http.get(url).send().await.unwrap().text().await.unwrap();
-        text.lines()
-            .find(|l| l.starts_with("keyward_ratelimit_fallback_total"))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
     let mut shared = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(15);
     while shared.len() < 4 {
@@ -755,9 +751,9 @@ async fn a_node_whose_redis_goes_away_falls_back_to_its_local_limiter() {
             "the node never went back to Redis: {shared:?}; stderr: {}",
             node.stderr_text()
         );
-        let before = fallbacks(http.clone(), node.url("/metrics")).await;
+        let before = fallback_count(&http, &node).await;
         let status = me(http.clone(), node.url("/v1/me"), key.clone()).await;
-        if fallbacks(http.clone(), node.url("/metrics")).await == before {
+        if fallback_count(&http, &node).await == before {
             shared.push(status);
         } else {
             tokio::time::sleep(Duration::from_millis(300)).await;
