@@ -250,12 +250,7 @@ pub async fn lookup(
     let digest = TokenDigest::of(token);
     match state
         .cache
-        .lookup(
-            state.store.as_ref(),
-            digest,
-            now,
-            state.coherence.fresh(now.timestamp_millis()),
-        )
+        .lookup(state.store.as_ref(), digest, now, state.coherence.fresh())
         .await?
     {
         // The lookup is by digest, so this compare is belt and braces against a cache or store

@@ -216,6 +216,9 @@ impl<V: Clone> Map<V> {
 /// The outcome of one store read, shared by every request that waited for it.
 type Loaded = Result<Option<Arc<Prepared>>, (String, bool)>;
 
+/// One store read in flight.
+type Inflight = tokio::sync::OnceCell<Loaded>;
+
 /// The cache itself.
 pub struct VerifyCache {
     found: Map<Arc<Prepared>>,
@@ -224,7 +227,9 @@ pub struct VerifyCache {
     agents: RwLock<rustc_hash::FxHashMap<uuid::Uuid, (u64, Arc<keyward_core::model::Agent>)>>,
     agent_capacity: usize,
     generation: AtomicU64,
-    inflight: Mutex<DigestMap<Arc<tokio::sync::OnceCell<Loaded>>>>,
+    /// Store reads in flight, by digest and the generation they started in: a request that
+    /// arrives after an invalidation never joins a read that started before it.
+    inflight: Mutex<rustc_hash::FxHashMap<(TokenDigest, u64), Arc<Inflight>>>,
 }
 
 impl std::fmt::Debug for VerifyCache {
@@ -243,7 +248,7 @@ impl VerifyCache {
             agents: RwLock::new(Default::default()),
             agent_capacity: (s.capacity as usize).clamp(1, 1_000_000),
             generation: AtomicU64::new(0),
-            inflight: Mutex::new(DigestMap::default()),
+            inflight: Mutex::new(Default::default()),
         }
     }
 
@@ -279,7 +284,7 @@ impl VerifyCache {
         // Coalesce: the first request for this digest reads the store; the others wait for it.
         let cell = {
             let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            g.entry(digest).or_default().clone()
+            g.entry((digest, generation)).or_default().clone()
         };
         let loaded = cell
             .get_or_init(|| async {
@@ -299,8 +304,10 @@ impl VerifyCache {
             .clone();
         {
             let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            if g.get(&digest).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-                g.remove(&digest);
+            if g.get(&(digest, generation))
+                .is_some_and(|c| Arc::ptr_eq(c, &cell))
+            {
+                g.remove(&(digest, generation));
             }
         }
         let answer = match loaded {

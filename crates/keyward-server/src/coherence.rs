@@ -18,16 +18,18 @@
 //! A store only this process writes (SQLite) has no watch, and its caches are always in sync.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keyward_store::Signal;
 
 use crate::AppState;
 
-/// The sync state the hot path reads: two atomics.
+/// The sync state the hot path reads. Time here is monotonic (milliseconds since the node
+/// started), so a wall clock stepped back by NTP cannot stretch the staleness bound.
 #[derive(Debug)]
 pub struct Coherence {
-    /// Unix ms (server clock) up to which the caches reflect every write.
+    epoch: Instant,
+    /// Milliseconds since `epoch` up to which the caches reflect every write.
     synced_ms: AtomicI64,
     /// The longest a node answers from its cache without a live watch.
     max_staleness_ms: i64,
@@ -38,33 +40,30 @@ pub struct Coherence {
 }
 
 impl Coherence {
-    pub fn new(shared: bool, max_staleness: Duration, now_ms: i64) -> Coherence {
+    pub fn new(shared: bool, max_staleness: Duration) -> Coherence {
         Coherence {
-            synced_ms: AtomicI64::new(now_ms),
+            epoch: Instant::now(),
+            synced_ms: AtomicI64::new(0),
             max_staleness_ms: max_staleness.as_millis().min(i64::MAX as u128) as i64,
             shared,
             up: AtomicBool::new(!shared),
         }
     }
 
-    /// Whether cached answers may be served at `now_ms`.
-    #[inline]
-    pub fn fresh(&self, now_ms: i64) -> bool {
-        !self.shared
-            || now_ms.saturating_sub(self.synced_ms.load(Ordering::Acquire))
-                <= self.max_staleness_ms
+    fn elapsed_ms(&self) -> i64 {
+        self.epoch.elapsed().as_millis().min(i64::MAX as u128) as i64
     }
 
-    /// Like [`Coherence::fresh`], reading the time only on a shared store.
+    /// Whether cached answers may be served now (always, on a store only this node writes).
     #[inline]
-    pub fn fresh_with(&self, now_ms: impl FnOnce() -> i64) -> bool {
-        !self.shared || self.fresh(now_ms())
+    pub fn fresh(&self) -> bool {
+        !self.shared || self.lag_ms() <= self.max_staleness_ms
     }
 
-    /// How far behind the caches may be at `now_ms`: zero on a store only this process writes.
-    pub fn lag_ms(&self, now_ms: i64) -> i64 {
+    /// How far behind the caches may be: zero on a store only this process writes.
+    pub fn lag_ms(&self) -> i64 {
         if self.shared {
-            now_ms
+            self.elapsed_ms()
                 .saturating_sub(self.synced_ms.load(Ordering::Acquire))
                 .max(0)
         } else {
@@ -77,8 +76,9 @@ impl Coherence {
         self.up.load(Ordering::Acquire)
     }
 
-    fn synced(&self, now_ms: i64) {
-        self.synced_ms.fetch_max(now_ms, Ordering::AcqRel);
+    fn synced(&self) {
+        self.synced_ms
+            .fetch_max(self.elapsed_ms(), Ordering::AcqRel);
         self.up.store(true, Ordering::Release);
     }
 }
@@ -103,7 +103,7 @@ pub async fn run(state: AppState) {
     };
     let wait = heartbeat(state.config.cache.max_staleness);
     let mut backoff = Duration::from_millis(100);
-    let mut down_since: Option<std::time::Instant> = None;
+    let mut down_since: Option<Instant> = None;
     loop {
         match watch.next(wait).await {
             Ok(signal) => {
@@ -117,7 +117,7 @@ pub async fn run(state: AppState) {
                     metrics::counter!("keyward_cache_invalidations_total", "source" => source)
                         .increment(1);
                 }
-                state.coherence.synced(state.now().timestamp_millis());
+                state.coherence.synced();
                 metrics::gauge!("keyward_change_watch_up").set(1.0);
                 if let Some(since) = down_since.take() {
                     tracing::info!(
@@ -132,7 +132,7 @@ pub async fn run(state: AppState) {
                 metrics::gauge!("keyward_change_watch_up").set(0.0);
                 metrics::counter!("keyward_change_watch_errors_total").increment(1);
                 if down_since.is_none() {
-                    down_since = Some(std::time::Instant::now());
+                    down_since = Some(Instant::now());
                     tracing::warn!(
                         error = %e,
                         max_staleness_ms = state.coherence.max_staleness_ms,

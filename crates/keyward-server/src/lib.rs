@@ -123,11 +123,7 @@ pub struct Shared {
 impl AppState {
     /// The state of a server over `store` (no background tasks; `serve` starts those).
     pub fn new(config: ServerConfig, store: Arc<dyn Store>) -> AppState {
-        let coherence = coherence::Coherence::new(
-            store.is_shared(),
-            config.cache.max_staleness,
-            keyward_core::clock::truncate_to_millis(config.clock.now()).timestamp_millis(),
-        );
+        let coherence = coherence::Coherence::new(store.is_shared(), config.cache.max_staleness);
         AppState(Arc::new(Shared {
             store,
             coherence,
@@ -287,6 +283,6 @@ async fn flush_usage(state: AppState) {
         metrics::gauge!("keyward_verify_cache_entries").set(state.cache.entries() as f64);
         metrics::gauge!("keyward_usage_flush_lag_seconds").set(last_ok.elapsed().as_secs_f64());
         metrics::gauge!("keyward_cache_staleness_seconds")
-            .set(state.coherence.lag_ms(now_ns / 1_000_000) as f64 / 1000.0);
+            .set(state.coherence.lag_ms() as f64 / 1000.0);
     }
 }

@@ -25,9 +25,7 @@ pub async fn me(
             state.store.as_ref(),
             caller.org_id(),
             agent_id,
-            state
-                .coherence
-                .fresh_with(|| state.now().timestamp_millis()),
+            state.coherence.fresh(),
         )
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::AgentNotFound))?;

@@ -184,7 +184,7 @@ impl Meter {
     ) -> Result<Option<QuotaUse>, ApiError> {
         let start = period_start(period, now);
         let end = period_end(period, now);
-        let Some(used) = store.take_quota_unit(key.id, start, limit).await? else {
+        let Some(used) = store.take_quota_unit(key.id, start, end, limit).await? else {
             return Err(exceeded(limit, end, now));
         };
         let alerts: Vec<ThresholdAlert> = key
@@ -230,7 +230,11 @@ impl Meter {
         let start = period_start(q.period, now);
         let end = period_end(q.period, now);
         if store.is_shared() {
-            let used = store.quota_units(key.id, start).await?;
+            // The shared counter, or before the period's first take, the uses counted so far.
+            let used = store
+                .quota_units(key.id, start)
+                .await?
+                .max(store.allowed_between(key.id, start, end).await?);
             return Ok(Some(QuotaUse {
                 limit: q.limit,
                 used: used.min(q.limit),

@@ -2513,6 +2513,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
 pub async fn concurrent_quota_takes_admit_exactly_the_limit(store: Arc<dyn Store>) {
     let key_id = Uuid::now_v7();
     let period = hour_of(now());
+    let end = period + Duration::hours(1);
     let barrier = Arc::new(Barrier::new(64));
     let tasks: Vec<_> = (0..64)
         .map(|_| {
@@ -2520,7 +2521,10 @@ pub async fn concurrent_quota_takes_admit_exactly_the_limit(store: Arc<dyn Store
             let barrier = Arc::clone(&barrier);
             tokio::spawn(async move {
                 barrier.wait().await;
-                store.take_quota_unit(key_id, period, 25).await.unwrap()
+                store
+                    .take_quota_unit(key_id, period, end, 25)
+                    .await
+                    .unwrap()
             })
         })
         .collect();
@@ -2538,20 +2542,78 @@ pub async fn concurrent_quota_takes_admit_exactly_the_limit(store: Arc<dyn Store
     );
     assert_eq!(store.quota_units(key_id, period).await.unwrap(), 25);
     assert_eq!(
-        store.take_quota_unit(key_id, period, 26).await.unwrap(),
+        store
+            .take_quota_unit(key_id, period, end, 26)
+            .await
+            .unwrap(),
         Some(26),
         "a larger limit (the quota was raised) admits more"
     );
-    let next = period + Duration::hours(1);
+    let next = end;
+    let next_end = next + Duration::hours(1);
     assert_eq!(store.quota_units(key_id, next).await.unwrap(), 0);
     assert_eq!(
-        store.take_quota_unit(key_id, next, 25).await.unwrap(),
+        store
+            .take_quota_unit(key_id, next, next_end, 25)
+            .await
+            .unwrap(),
         Some(1)
     );
     assert_eq!(
-        store.take_quota_unit(key_id, next, 0).await.unwrap(),
+        store
+            .take_quota_unit(key_id, next, next_end, 0)
+            .await
+            .unwrap(),
         None,
         "a limit of zero admits nothing"
+    );
+
+    // The first take of a period starts from the allowed uses already counted for it (a quota
+    // set on a key that was in use); uses outside the period do not count.
+    let used_key = Uuid::now_v7();
+    let delta = |hour, allowed| UsageDelta {
+        key_id: used_key,
+        org_id: Uuid::now_v7(),
+        hour,
+        allowed,
+        denied: 3,
+        rate_limited: 0,
+    };
+    store
+        .record_usage(
+            &[delta(period, 7), delta(period - Duration::hours(1), 50)],
+            &[],
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .take_quota_unit(used_key, period, end, 10)
+            .await
+            .unwrap(),
+        Some(8),
+        "7 allowed uses already counted in the period, then this one"
+    );
+    let full_key = Uuid::now_v7();
+    store
+        .record_usage(
+            &[UsageDelta {
+                key_id: full_key,
+                ..delta(period, 10)
+            }],
+            &[],
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .take_quota_unit(full_key, period, end, 10)
+            .await
+            .unwrap(),
+        None,
+        "a quota already used up by counted uses admits nothing"
     );
 }
 

@@ -257,13 +257,16 @@ pub trait Store: Send + Sync + 'static {
         until: Timestamp,
     ) -> StoreResult<u64>;
 
-    /// Takes one unit of a key's quota for the period starting at `period_start`, atomically
+    /// Takes one unit of a key's quota for the period `[period_start, period_end)`, atomically
     /// for every process: the count after taking it, or `None` when `limit` units are taken
-    /// already (nothing is taken then).
+    /// already (nothing is taken then). The period's first take starts from the allowed uses the
+    /// usage counters already hold for it (uses before the quota was set count, as they do on a
+    /// single node).
     async fn take_quota_unit(
         &self,
         key_id: Uuid,
         period_start: Timestamp,
+        period_end: Timestamp,
         limit: u64,
     ) -> StoreResult<Option<u64>>;
     /// Units taken by [`Store::take_quota_unit`] for a key and period.

@@ -116,6 +116,9 @@ pub struct Config {
     pub rate_limit_backend: RateLimitBackend,
 }
 
+/// The smallest staleness bound accepted.
+pub const MIN_STALENESS_MS: u64 = 200;
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8470";
 pub const DEFAULT_DATA_DIR: &str = "./keyward-data";
 
@@ -193,12 +196,17 @@ impl Config {
             )?
             .map(std::time::Duration::from_secs)
             .unwrap_or(defaults.negative_ttl),
-            max_staleness: positive(
-                "max_staleness_ms",
-                pick(s.and_then(|s| s.max_staleness_ms), file.max_staleness_ms),
-            )?
-            .map(std::time::Duration::from_millis)
-            .unwrap_or(defaults.max_staleness),
+            max_staleness: match pick(s.and_then(|s| s.max_staleness_ms), file.max_staleness_ms) {
+                // The watch proves itself every max_staleness / 4 (at least every 50 ms); below
+                // this a healthy node would flap between ready and not ready.
+                Some(ms) if ms < MIN_STALENESS_MS => {
+                    return Err(format!(
+                        "max_staleness_ms must be at least {MIN_STALENESS_MS} (got {ms})"
+                    ))
+                }
+                Some(ms) => std::time::Duration::from_millis(ms),
+                None => defaults.max_staleness,
+            },
         };
         let redis_url = s.and_then(|s| s.redis_url.clone()).or(file.redis_url);
         let backend = s

@@ -211,22 +211,31 @@ const CHANGE_LOG_RETENTION_MS: i64 = 24 * 3600 * 1000;
 
 /// The PostgreSQL change watch: a dedicated LISTEN connection, checked with a round trip
 /// whenever it has been quiet for the wait, so a connection that died silently is noticed.
+///
+/// sqlx's listener can reconnect on its own, and notifications sent while it was away are lost.
+/// So it never reconnects eagerly here, and the heartbeat reads the server process id of the
+/// connection it ran on: a different one means the connection was replaced, which is reported
+/// as `Resumed` (every cache dropped), never as `Quiet`.
 struct PgChangeWatch {
     pool: PgPool,
     channel: String,
     listener: Option<sqlx::postgres::PgListener>,
+    /// The server process of the listening connection.
+    backend_pid: i64,
     /// The change log's head when last read.
     head: i64,
-    /// Heartbeats since the log was last pruned.
-    beats: u32,
 }
 
 impl PgChangeWatch {
-    async fn read_head(listener: &mut sqlx::postgres::PgListener) -> StoreResult<i64> {
-        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0)::BIGINT FROM changes")
-            .fetch_one(listener)
-            .await
-            .map_err(map_err)
+    /// The listening connection's server process and the change log's head.
+    async fn read_head(listener: &mut sqlx::postgres::PgListener) -> StoreResult<(i64, i64)> {
+        let row = sqlx::query(
+            "SELECT pg_backend_pid()::BIGINT AS pid, COALESCE(MAX(seq), 0)::BIGINT AS head FROM changes",
+        )
+        .fetch_one(listener)
+        .await
+        .map_err(map_err)?;
+        Ok((get::<i64>(&row, "pid")?, get::<i64>(&row, "head")?))
     }
 
     /// Notes a notification's sequence number and drains those already received: a burst of
@@ -241,20 +250,31 @@ impl PgChangeWatch {
         self.head = self.head.max(seq);
     }
 
+    async fn connect(&mut self, wait: Duration) -> StoreResult<Signal> {
+        let connect = async {
+            let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool)
+                .await
+                .map_err(map_err)?;
+            listener.eager_reconnect(false);
+            listener.listen(&self.channel).await.map_err(map_err)?;
+            let (pid, head) = Self::read_head(&mut listener).await?;
+            Ok::<_, StoreError>((listener, pid, head))
+        };
+        let (listener, pid, head) =
+            tokio::time::timeout(wait * 2, connect)
+                .await
+                .map_err(|_| {
+                    StoreError::Unavailable("connecting the change watch timed out".into())
+                })??;
+        self.listener = Some(listener);
+        self.backend_pid = pid;
+        self.head = head;
+        Ok(Signal::Resumed)
+    }
+
     async fn step(&mut self, wait: Duration) -> StoreResult<Signal> {
         let Some(listener) = self.listener.as_mut() else {
-            let mut listener = tokio::time::timeout(
-                wait * 2,
-                sqlx::postgres::PgListener::connect_with(&self.pool),
-            )
-            .await
-            .map_err(|_| StoreError::Unavailable("connecting the change watch timed out".into()))?
-            .map_err(map_err)?;
-            // The pool closing (at shutdown) should end the watch, not hang it.
-            listener.listen(&self.channel).await.map_err(map_err)?;
-            self.head = Self::read_head(&mut listener).await?;
-            self.listener = Some(listener);
-            return Ok(Signal::Resumed);
+            return self.connect(wait).await;
         };
         if let Some(n) = listener.next_buffered() {
             self.heard(n);
@@ -265,32 +285,23 @@ impl PgChangeWatch {
                 self.heard(n);
                 Ok(Signal::Changed)
             }
-            // The connection was lost and sqlx reconnected and listens again: what was said
-            // in between is lost, so every cache must go.
-            Ok(Ok(None)) => {
-                self.head = Self::read_head(listener).await?;
-                Ok(Signal::Resumed)
-            }
+            // The connection was lost (and, without eager reconnection, not replaced): what
+            // was said since is lost; the next call reconnects and reports `Resumed`.
+            Ok(Ok(None)) => Err(StoreError::Unavailable(
+                "the change watch lost its connection".into(),
+            )),
             Ok(Err(e)) => Err(map_err(e)),
             Err(_quiet) => {
-                let head = tokio::time::timeout(wait * 2, Self::read_head(listener))
+                let (pid, head) = tokio::time::timeout(wait * 2, Self::read_head(listener))
                     .await
                     .map_err(|_| {
                         StoreError::Unavailable("the change watch heartbeat timed out".into())
                     })??;
-                self.beats += 1;
-                if self.beats >= 600 {
-                    self.beats = 0;
-                    let now_ms = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_millis() as i64);
-                    let cutoff = now_ms - CHANGE_LOG_RETENTION_MS;
-                    sqlx::query("DELETE FROM changes WHERE changed_at < $1 AND seq < $2")
-                        .bind(cutoff)
-                        .bind(head)
-                        .execute(&self.pool)
-                        .await
-                        .map_err(map_err)?;
+                if pid != self.backend_pid {
+                    // The connection was replaced under us: notifications may have been lost.
+                    self.backend_pid = pid;
+                    self.head = head;
+                    return Ok(Signal::Resumed);
                 }
                 if head != self.head {
                     // A write whose NOTIFY never reached this connection.
@@ -302,6 +313,31 @@ impl PgChangeWatch {
             }
         }
     }
+}
+
+/// Deletes change-log rows older than the retention, every ten minutes, on its own task so the
+/// watch never waits for it; failures only delay the next prune. Ends when the pool closes.
+fn spawn_change_log_pruner(pool: PgPool) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tick.tick().await;
+            if pool.is_closed() {
+                return;
+            }
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            // Keep the newest row whatever its age: the log's head must never go back.
+            let _ = sqlx::query(
+                "DELETE FROM changes WHERE changed_at < $1 \
+                 AND seq < (SELECT COALESCE(MAX(seq), 0) FROM changes)",
+            )
+            .bind(now_ms - CHANGE_LOG_RETENTION_MS)
+            .execute(&pool)
+            .await;
+        }
+    });
 }
 
 #[async_trait]
@@ -559,12 +595,13 @@ impl Store for PostgresStore {
     }
 
     async fn watch_changes(&self) -> StoreResult<Option<Box<dyn ChangeWatch>>> {
+        spawn_change_log_pruner(self.pool.clone());
         Ok(Some(Box::new(PgChangeWatch {
             pool: self.pool.clone(),
             channel: self.channel.clone(),
             listener: None,
+            backend_pid: 0,
             head: 0,
-            beats: 0,
         })))
     }
 
@@ -1270,21 +1307,27 @@ impl Store for PostgresStore {
         &self,
         key_id: Uuid,
         period_start: Timestamp,
+        period_end: Timestamp,
         limit: u64,
     ) -> StoreResult<Option<u64>> {
         if limit == 0 {
             return Ok(None);
         }
         // One statement: the conflicting row is locked for the update, so concurrent takes from
-        // every node run one after the other and the `used < limit` check sees each result.
+        // every node run one after the other and the `used < limit` check sees each result. A
+        // new row starts from the period's allowed uses already counted.
         let used: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO quota_counters (key_id, period_start, used) VALUES ($1, $2, 1) \
+            "INSERT INTO quota_counters (key_id, period_start, used) \
+             SELECT $1, $2, s.n + 1 FROM (SELECT COALESCE(SUM(allowed), 0)::BIGINT AS n \
+               FROM usage_hourly WHERE key_id = $1 AND hour_start >= $2 AND hour_start < $4) s \
+             WHERE s.n < $3 \
              ON CONFLICT (key_id, period_start) DO UPDATE SET used = quota_counters.used + 1 \
              WHERE quota_counters.used < $3 RETURNING used",
         )
         .bind(key_id.to_string())
         .bind(ms(period_start))
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(ms(period_end))
         .fetch_optional(&self.pool)
         .await
         .map_err(map_err)?;

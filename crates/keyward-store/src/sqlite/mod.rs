@@ -973,20 +973,26 @@ impl Store for SqliteStore {
         &self,
         key_id: Uuid,
         period_start: Timestamp,
+        period_end: Timestamp,
         limit: u64,
     ) -> StoreResult<Option<u64>> {
         if limit == 0 {
             return Ok(None);
         }
-        // One statement on the single writer: the check and the increment cannot interleave.
+        // One statement on the single writer: the check and the increment cannot interleave. A
+        // new row starts from the period's allowed uses already counted.
         let row = sqlx::query(
-            "INSERT INTO quota_counters (key_id, period_start, used) VALUES (?, ?, 1) \
+            "INSERT INTO quota_counters (key_id, period_start, used) \
+             SELECT ?1, ?2, s.n + 1 FROM (SELECT COALESCE(SUM(allowed), 0) AS n \
+               FROM usage_hourly WHERE key_id = ?1 AND hour_start >= ?2 AND hour_start < ?4) s \
+             WHERE s.n < ?3 \
              ON CONFLICT (key_id, period_start) DO UPDATE SET used = used + 1 \
-             WHERE quota_counters.used < ? RETURNING used",
+             WHERE quota_counters.used < ?3 RETURNING used",
         )
         .bind(key_id.to_string())
         .bind(ms(period_start))
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(ms(period_end))
         .fetch_optional(&self.writer)
         .await
         .map_err(map_err)?;

@@ -7,6 +7,7 @@ CREATE TABLE changes (
     org_id          TEXT NOT NULL,
     changed_at      BIGINT NOT NULL
 );
+CREATE INDEX changes_changed_at ON changes (changed_at);
 
 -- Quota units taken per key and period, shared by every node: one conditional increment per
 -- use, so N nodes together admit exactly the quota.
