@@ -76,6 +76,10 @@ const SHARDS: usize = 16;
 pub struct Meter {
     pending: Vec<Mutex<Pending>>,
     quotas: Mutex<HashMap<Uuid, QuotaCounter>>,
+    /// Held for writing by a flush from the moment it takes the pending counts until the store
+    /// has them (or they are put back); readers that add pending counts to stored ones hold it
+    /// for reading, so counts in flight are never missing from (nor doubled in) their sum.
+    flush_gate: tokio::sync::RwLock<()>,
 }
 
 impl Default for Meter {
@@ -85,6 +89,7 @@ impl Default for Meter {
                 .map(|_| Mutex::new(Pending::default()))
                 .collect(),
             quotas: Mutex::default(),
+            flush_gate: tokio::sync::RwLock::new(()),
         }
     }
 }
@@ -146,8 +151,13 @@ impl Meter {
         // lock; if another request loaded the counter meanwhile, its counter wins.
         let start = period_start(q.period, now);
         let end = period_end(q.period, now);
-        let stored = store.allowed_between(key.id, start, end).await?;
-        let pending = self.pending_allowed(key.id, start, end);
+        let (stored, pending) = {
+            let _gate = self.flush_gate.read().await;
+            (
+                store.allowed_between(key.id, start, end).await?,
+                self.pending_allowed(key.id, start, end),
+            )
+        };
         let result = {
             let mut g = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
             let c = g.entry(key.id).or_insert_with(|| QuotaCounter {
@@ -250,6 +260,7 @@ impl Meter {
         let used = match in_memory {
             Some(u) => u,
             None => {
+                let _gate = self.flush_gate.read().await;
                 store.allowed_between(key.id, start, end).await?
                     + self.pending_allowed(key.id, start, end)
             }
@@ -269,6 +280,11 @@ impl Meter {
             .filter(|((k, h), _)| *k == key_id && *h >= s && *h < e)
             .map(|(_, (_, c))| c.allowed)
             .sum()
+    }
+
+    /// Holds flushes off while a reader adds stored and pending counts (see `flush_gate`).
+    pub async fn read_gate(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.flush_gate.read().await
     }
 
     /// The counts of a key not yet flushed, by hour.
@@ -291,6 +307,7 @@ impl Meter {
     /// Writes everything pending to the store. On failure the counts are put back to be retried
     /// with the next flush, so a store outage delays counts rather than losing them.
     pub async fn flush(&self, store: &dyn Store) -> StoreResult<()> {
+        let _gate = self.flush_gate.write().await;
         let mut taken = Pending::default();
         for shard in &self.pending {
             let part = std::mem::take(&mut *shard.lock().unwrap_or_else(|e| e.into_inner()));

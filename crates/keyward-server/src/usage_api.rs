@@ -94,8 +94,13 @@ pub async fn usage(
         );
         t += step;
     }
+    // Stored and pending counts are read with no flush in between, so nothing in flight is
+    // missed or counted twice.
+    let gate = state.meter.read_gate().await;
     let stored = state.store.usage_hours(key.id, first, until).await?;
-    for h in stored.into_iter().chain(state.meter.pending_hours(key.id)) {
+    let pending = state.meter.pending_hours(key.id);
+    drop(gate);
+    for h in stored.into_iter().chain(pending) {
         if h.start < first || h.start >= until {
             continue;
         }
