@@ -589,6 +589,7 @@ async fn verify_signed_request(
         key,
         &state.config.master_key,
         &state.replay,
+        state.store.as_ref(),
         now,
         &crate::signing::Signed {
             method: parts.method.as_str(),
@@ -597,7 +598,8 @@ async fn verify_signed_request(
             signature: header("x-signature"),
             body: &bytes,
         },
-    )?;
+    )
+    .await?;
     Ok(Request::from_parts(parts, axum::body::Body::from(bytes)))
 }
 

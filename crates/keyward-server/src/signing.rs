@@ -4,7 +4,9 @@
 //!
 //! The replay cache is in-process: every signature accepted is remembered until its timestamp
 //! leaves the window (after which the timestamp check alone refuses it), so memory is bounded by
-//! the signed request rate times ten minutes.
+//! the signed request rate times ten minutes. On a store several nodes share, a signature is
+//! also claimed in the store (one insert that only the first claim wins), so a request captured
+//! in transit cannot be replayed to another node either.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -34,10 +36,7 @@ struct ReplayInner {
 impl ReplayCache {
     /// Records a signature; false when it was already seen and has not yet left the window.
     pub fn first_use(&self, key_id: &uuid::Uuid, signature: &str, ts: i64, now_s: i64) -> bool {
-        let mut h = Sha256::new();
-        h.update(key_id.as_bytes());
-        h.update(signature.as_bytes());
-        let id: [u8; 32] = h.finalize().into();
+        let id = replay_id(key_id, signature);
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if g.seen.len() >= g.next_prune {
             g.seen.retain(|_, exp| *exp >= now_s);
@@ -53,6 +52,14 @@ impl ReplayCache {
     }
 }
 
+/// What identifies a use of a signature: the key and the signature, hashed.
+fn replay_id(key_id: &uuid::Uuid, signature: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(key_id.as_bytes());
+    h.update(signature.as_bytes());
+    h.finalize().into()
+}
+
 /// The parts of a request a signature covers.
 pub struct Signed<'a> {
     pub method: &'a str,
@@ -64,10 +71,11 @@ pub struct Signed<'a> {
 
 /// Checks a request's signature for `key`: `SIGNATURE_INVALID` when headers are missing or the
 /// MAC does not match, `SIGNATURE_EXPIRED` outside the window, `SIGNATURE_REPLAYED` when seen.
-pub fn check(
+pub async fn check(
     key: &Key,
     master_key: &MasterKey,
     replay: &ReplayCache,
+    store: &dyn keyward_store::Store,
     now: Timestamp,
     req: &Signed<'_>,
 ) -> Result<(), ApiError> {
@@ -97,6 +105,13 @@ pub fn check(
         return Err(invalid());
     }
     if !replay.first_use(&key.id, sig, ts, now_s) {
+        return Err(ApiError::new(ErrorCode::SignatureReplayed));
+    }
+    if store.is_shared()
+        && !store
+            .claim_signature(&replay_id(&key.id, sig), ts + WINDOW_S, now_s)
+            .await?
+    {
         return Err(ApiError::new(ErrorCode::SignatureReplayed));
     }
     Ok(())

@@ -41,7 +41,7 @@ fn invalid() -> proto::VerifyResponse {
 }
 
 /// The signature check of a verified key that requires one, from the body's `signature`.
-fn signature(
+async fn signature(
     state: &AppState,
     p: &Prepared,
     body: &proto::VerifyRequest,
@@ -58,6 +58,7 @@ fn signature(
         &p.key,
         &state.config.master_key,
         &state.replay,
+        state.store.as_ref(),
         now,
         &crate::signing::Signed {
             method: &sig.method,
@@ -67,6 +68,7 @@ fn signature(
             body: sig.body.as_bytes(),
         },
     )
+    .await
     .map_err(|e| e.code)
 }
 
@@ -85,7 +87,7 @@ async fn decide(
     if let Err(d) = check_key(key, p.agent_status, client_ip, now, false) {
         return (Err(crate::auth::denial_error(d).code), None, None);
     }
-    if let Err(code) = signature(state, p, body, now) {
+    if let Err(code) = signature(state, p, body, now).await {
         return (Err(code), None, None);
     }
     // Facts are only built when a rule needs them, scopes only copied when narrowed.

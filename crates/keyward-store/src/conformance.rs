@@ -2506,6 +2506,26 @@ pub async fn run_all(store: Arc<dyn Store>) {
     import_keys_inserts_all_or_nothing(s).await;
     concurrent_quota_takes_admit_exactly_the_limit(Arc::clone(&store)).await;
     a_change_watch_hears_every_change_to_existing_keys(s).await;
+    a_shared_store_admits_each_signature_once(s).await;
+}
+
+/// A store other processes write admits each signature once until it expires; a store only this
+/// process writes leaves replays to the process (it admits every claim).
+pub async fn a_shared_store_admits_each_signature_once(store: &dyn Store) {
+    let id: [u8; 32] = *Uuid::now_v7().as_bytes().repeat(2).first_chunk().unwrap();
+    let other: [u8; 32] = *Uuid::now_v7().as_bytes().repeat(2).first_chunk().unwrap();
+    assert!(store.claim_signature(&id, 1300, 1000).await.unwrap());
+    let again = store.claim_signature(&id, 1300, 1100).await.unwrap();
+    assert_eq!(
+        again,
+        !store.is_shared(),
+        "a shared store refuses a second claim within the window"
+    );
+    assert!(store.claim_signature(&other, 1300, 1100).await.unwrap());
+    assert!(
+        store.claim_signature(&id, 1700, 1400).await.unwrap(),
+        "an expired claim may be taken again"
+    );
 }
 
 /// 64 concurrent takes against a limit of 25 succeed exactly 25 times, each seeing a distinct
@@ -2920,6 +2940,7 @@ macro_rules! conformance_tests {
             a_quota_threshold_is_announced_once_per_period,
             import_keys_inserts_all_or_nothing,
             a_change_watch_hears_every_change_to_existing_keys,
+            a_shared_store_admits_each_signature_once,
         );
         $crate::conformance_tests!(@concurrent $open;
             concurrent_quota_takes_admit_exactly_the_limit,

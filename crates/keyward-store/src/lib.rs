@@ -269,6 +269,13 @@ pub trait Store: Send + Sync + 'static {
         period_end: Timestamp,
         limit: u64,
     ) -> StoreResult<Option<u64>>;
+    /// Claims a request signature (its hash) until `expires_at` (Unix seconds): true for the
+    /// first claim, false when it was claimed before and has not expired at `now` (a replay).
+    /// Stores only one process writes answer true: that process's own replay cache suffices.
+    async fn claim_signature(&self, id: &[u8; 32], expires_at: i64, now: i64) -> StoreResult<bool> {
+        let _ = (id, expires_at, now);
+        Ok(true)
+    }
     /// Units taken by [`Store::take_quota_unit`] for a key and period.
     async fn quota_units(&self, key_id: Uuid, period_start: Timestamp) -> StoreResult<u64>;
 }

@@ -461,6 +461,40 @@ async fn two_nodes_agree_on_revocations_rate_limits_and_quotas() {
         ms(*latencies.last().unwrap())
     );
 
+    // --- A signed request accepted by node 1 is a replay on node 2 (and on node 1).
+    let (status, body) = call(
+        &http,
+        reqwest::Method::POST,
+        n1.url(&format!("/v1/orgs/{org}/agents/{agent}/keys")),
+        &root,
+        Some(json!({ "name": "signer", "requires_signature": true })),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let signer = body["api_key"].as_str().unwrap().to_string();
+    let secret = body["signing_secret"].as_str().unwrap().to_string();
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let signature = keyward_core::token::sign_request(&secret, "GET", "/v1/me", ts, b"");
+    let signed = |node: &Node| {
+        http.get(node.url("/v1/me"))
+            .bearer_auth(&signer)
+            .header("X-Timestamp", ts.to_string())
+            .header("X-Signature", &signature)
+            .send()
+    };
+    let first = signed(&n1).await.unwrap();
+    assert_eq!(first.status(), 200);
+    for node in [&n2, &n1] {
+        let replay: Value = signed(node).await.unwrap().json().await.unwrap();
+        assert_eq!(
+            replay["error"]["code"], "SIGNATURE_REPLAYED",
+            "a signature is used once across all nodes: {replay}"
+        );
+    }
+
     // --- A shared rate limit of 10 per hour (burst 10) across both nodes admits 10, not 20.
     let (_, _, limited) = agent_with_key(
         &http,

@@ -315,7 +315,8 @@ impl PgChangeWatch {
     }
 }
 
-/// Deletes change-log rows older than the retention, every ten minutes, on its own task so the
+/// Deletes change-log rows older than the retention and expired signature claims, every ten
+/// minutes, on its own task so the
 /// watch never waits for it; failures only delay the next prune. Ends when the pool closes.
 fn spawn_change_log_pruner(pool: PgPool) {
     tokio::spawn(async move {
@@ -328,6 +329,10 @@ fn spawn_change_log_pruner(pool: PgPool) {
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64);
+            let _ = sqlx::query("DELETE FROM signatures_seen WHERE expires_at < $1")
+                .bind(now_ms / 1000)
+                .execute(&pool)
+                .await;
             // Keep the newest row whatever its age: the log's head must never go back.
             let _ = sqlx::query(
                 "DELETE FROM changes WHERE changed_at < $1 \
@@ -1332,6 +1337,23 @@ impl Store for PostgresStore {
         .await
         .map_err(map_err)?;
         Ok(used.map(|n| n.max(0) as u64))
+    }
+
+    async fn claim_signature(&self, id: &[u8; 32], expires_at: i64, now: i64) -> StoreResult<bool> {
+        // The first insert wins; an expired claim may be taken again (its timestamp is outside
+        // the window by then, so only a clock far off could present it).
+        let claimed: Option<i32> = sqlx::query_scalar(
+            "INSERT INTO signatures_seen (id, expires_at) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET expires_at = EXCLUDED.expires_at \
+             WHERE signatures_seen.expires_at < $3 RETURNING 1",
+        )
+        .bind(&id[..])
+        .bind(expires_at)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(claimed.is_some())
     }
 
     async fn quota_units(&self, key_id: Uuid, period_start: Timestamp) -> StoreResult<u64> {

@@ -17,3 +17,11 @@ CREATE TABLE quota_counters (
     used            BIGINT NOT NULL,
     PRIMARY KEY (key_id, period_start)
 );
+
+-- Request signatures seen within their window (a hash of key and signature), shared by every
+-- node so a captured signed request cannot be replayed to another node.
+CREATE TABLE signatures_seen (
+    id              BYTEA PRIMARY KEY,
+    expires_at      BIGINT NOT NULL
+);
+CREATE INDEX signatures_seen_expires_at ON signatures_seen (expires_at);
