@@ -192,12 +192,7 @@ fn bench(c: &mut Criterion) {
             black_box(
                 s.state
                     .cache
-                    .lookup(
-                        s.state.store.as_ref(),
-                        black_box(digest),
-                        s.state.now(),
-                        true,
-                    )
+                    .lookup(s.state.store.as_ref(), black_box(digest), s.state.now())
                     .await
                     .unwrap(),
             )
@@ -207,7 +202,7 @@ fn bench(c: &mut Criterion) {
         .block_on(
             s.state
                 .cache
-                .lookup(s.state.store.as_ref(), digest, s.state.now(), true),
+                .lookup(s.state.store.as_ref(), digest, s.state.now()),
         )
         .unwrap()
         .unwrap();

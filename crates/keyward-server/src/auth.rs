@@ -250,7 +250,7 @@ pub async fn lookup(
     let digest = TokenDigest::of(token);
     match state
         .cache
-        .lookup(state.store.as_ref(), digest, now, state.coherence.fresh())
+        .lookup(state.store.as_ref(), digest, now)
         .await?
     {
         // The lookup is by digest, so this compare is belt and braces against a cache or store

@@ -227,6 +227,9 @@ pub struct VerifyCache {
     agents: RwLock<rustc_hash::FxHashMap<uuid::Uuid, (u64, Arc<keyward_core::model::Agent>)>>,
     agent_capacity: usize,
     generation: AtomicU64,
+    /// Whether answers may come from this cache at all (on a shared store, only while this node
+    /// is in sync with the other nodes' writes).
+    pub coherence: crate::coherence::Coherence,
     /// Store reads in flight, by digest and the generation they started in: a request that
     /// arrives after an invalidation never joins a read that started before it.
     inflight: Mutex<rustc_hash::FxHashMap<(TokenDigest, u64), Arc<Inflight>>>,
@@ -241,8 +244,10 @@ impl std::fmt::Debug for VerifyCache {
 }
 
 impl VerifyCache {
-    pub fn new(s: CacheSettings) -> VerifyCache {
+    /// A cache over a store; `shared` when other nodes write to it too.
+    pub fn new(s: CacheSettings, shared: bool) -> VerifyCache {
         VerifyCache {
+            coherence: crate::coherence::Coherence::new(shared, s.max_staleness),
             found: Map::new(s.capacity, s.ttl),
             missing: Map::new(s.negative_capacity, s.negative_ttl),
             agents: RwLock::new(Default::default()),
@@ -258,19 +263,18 @@ impl VerifyCache {
     }
 
     /// The prepared snapshot of a digest at `now` (the request's time), or `None` for an unknown
-    /// token. With `trust_cached` false (this node may have missed other nodes' writes for
-    /// longer than it may be stale) the store is read whatever the cache holds.
+    /// token. While this node may have missed other nodes' writes for longer than it may be
+    /// stale, the store is read whatever the cache holds.
     pub async fn lookup(
         &self,
         store: &dyn Store,
         digest: TokenDigest,
         now: keyward_core::model::Timestamp,
-        trust_cached: bool,
     ) -> Result<Option<Arc<Prepared>>, StoreError> {
         let generation = self.generation.load(Ordering::Acquire);
         let now = now.timestamp_millis();
         let stats = crate::stats::stats();
-        if trust_cached {
+        if self.coherence.fresh() {
             if let Some(p) = self.found.get(&digest, generation, now) {
                 stats.cache_hit.increment(1);
                 return Ok(Some(p));
@@ -335,7 +339,6 @@ impl VerifyCache {
         store: &dyn Store,
         org_id: uuid::Uuid,
         agent_id: uuid::Uuid,
-        trust_cached: bool,
     ) -> Result<Option<Arc<keyward_core::model::Agent>>, StoreError> {
         let generation = self.generation.load(Ordering::Acquire);
         if let Some((g, a)) = self
@@ -343,7 +346,7 @@ impl VerifyCache {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&agent_id)
-            .filter(|_| trust_cached)
+            .filter(|_| self.coherence.fresh())
         {
             if *g == generation && a.org_id == org_id {
                 return Ok(Some(a.clone()));

@@ -17,7 +17,7 @@
 //!
 //! A store only this process writes (SQLite) has no watch, and its caches are always in sync.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use keyward_store::Signal;
@@ -35,8 +35,6 @@ pub struct Coherence {
     max_staleness_ms: i64,
     /// Whether the store is shared, so that staleness applies at all.
     shared: bool,
-    /// Whether the watch's last step succeeded.
-    up: AtomicBool,
 }
 
 impl Coherence {
@@ -46,7 +44,6 @@ impl Coherence {
             synced_ms: AtomicI64::new(0),
             max_staleness_ms: max_staleness.as_millis().min(i64::MAX as u128) as i64,
             shared,
-            up: AtomicBool::new(!shared),
         }
     }
 
@@ -71,15 +68,9 @@ impl Coherence {
         }
     }
 
-    /// Whether the watch is currently live.
-    pub fn watching(&self) -> bool {
-        self.up.load(Ordering::Acquire)
-    }
-
     fn synced(&self) {
         self.synced_ms
             .fetch_max(self.elapsed_ms(), Ordering::AcqRel);
-        self.up.store(true, Ordering::Release);
     }
 }
 
@@ -117,7 +108,7 @@ pub async fn run(state: AppState) {
                     metrics::counter!("keyward_cache_invalidations_total", "source" => source)
                         .increment(1);
                 }
-                state.coherence.synced();
+                state.cache.coherence.synced();
                 metrics::gauge!("keyward_change_watch_up").set(1.0);
                 if let Some(since) = down_since.take() {
                     tracing::info!(
@@ -128,14 +119,13 @@ pub async fn run(state: AppState) {
                 backoff = Duration::from_millis(100);
             }
             Err(e) => {
-                state.coherence.up.store(false, Ordering::Release);
                 metrics::gauge!("keyward_change_watch_up").set(0.0);
                 metrics::counter!("keyward_change_watch_errors_total").increment(1);
                 if down_since.is_none() {
                     down_since = Some(Instant::now());
                     tracing::warn!(
                         error = %e,
-                        max_staleness_ms = state.coherence.max_staleness_ms,
+                        max_staleness_ms = state.cache.coherence.max_staleness_ms,
                         "change watch lost; cached answers are served for at most the staleness bound"
                     );
                 }

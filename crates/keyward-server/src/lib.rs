@@ -116,19 +116,16 @@ pub struct Shared {
     pub decisions: decisions::DecisionLog,
     /// Failed authentications per client IP.
     pub auth_throttle: limiter::Limiter<std::net::IpAddr>,
-    /// Whether this node's caches reflect other nodes' writes (shared stores only).
-    pub coherence: coherence::Coherence,
 }
 
 impl AppState {
     /// The state of a server over `store` (no background tasks; `serve` starts those).
     pub fn new(config: ServerConfig, store: Arc<dyn Store>) -> AppState {
-        let coherence = coherence::Coherence::new(store.is_shared(), config.cache.max_staleness);
+        let shared = store.is_shared();
         AppState(Arc::new(Shared {
             store,
-            coherence,
             clock: config.clock.clone(),
-            cache: cache::VerifyCache::new(config.cache),
+            cache: cache::VerifyCache::new(config.cache, shared),
             config,
             replay: signing::ReplayCache::default(),
             limiter: limiter::Limiter::default(),
@@ -283,6 +280,6 @@ async fn flush_usage(state: AppState) {
         metrics::gauge!("keyward_verify_cache_entries").set(state.cache.entries() as f64);
         metrics::gauge!("keyward_usage_flush_lag_seconds").set(last_ok.elapsed().as_secs_f64());
         metrics::gauge!("keyward_cache_staleness_seconds")
-            .set(state.coherence.lag_ms() as f64 / 1000.0);
+            .set(state.cache.coherence.lag_ms() as f64 / 1000.0);
     }
 }

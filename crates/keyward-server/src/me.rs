@@ -21,12 +21,7 @@ pub async fn me(
     };
     let agent = state
         .cache
-        .agent(
-            state.store.as_ref(),
-            caller.org_id(),
-            agent_id,
-            state.coherence.fresh(),
-        )
+        .agent(state.store.as_ref(), caller.org_id(), agent_id)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::AgentNotFound))?;
     Ok(Json(proto::MeResponse {

@@ -30,14 +30,14 @@ pub async fn healthz() -> Json<proto::Health> {
 #[utoipa::path(get, path = "/readyz", tag = "ops",
     responses((status = 200, body = proto::Health), (status = 503, body = proto::ErrorBody)))]
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    if !state.coherence.fresh() {
+    if !state.cache.coherence.fresh() {
         tracing::warn!(
-            lag_ms = state.coherence.lag_ms(),
+            lag_ms = state.cache.coherence.lag_ms(),
             "not ready: the change watch has been down for longer than the staleness bound"
         );
         return ApiError::new(ErrorCode::StoreUnavailable)
             .msg("not in sync with the other nodes: the store's change watch is down")
-            .details(json!({ "stale_for_ms": state.coherence.lag_ms() }))
+            .details(json!({ "stale_for_ms": state.cache.coherence.lag_ms() }))
             .into_response();
     }
     let ping = tokio::time::timeout(std::time::Duration::from_secs(1), state.store.ping())
