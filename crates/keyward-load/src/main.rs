@@ -70,6 +70,44 @@ impl Drop for Server {
     }
 }
 
+/// User and system CPU time a process has used so far, from `/proc/<pid>/stat` (fields 14 and
+/// 15, in clock ticks of 10 ms): coarse, but over a run of seconds it says where the cores went.
+fn cpu_time(pid: &str) -> Option<(Duration, Duration)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; the fields after its `)` are fixed.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| -> Option<Duration> {
+        Some(Duration::from_millis(f.get(i)?.parse::<u64>().ok()? * 10))
+    };
+    // After `)`: field 3 (state) is index 0, so utime (14) is 11 and stime (15) is 12.
+    Some((tick(11)?, tick(12)?))
+}
+
+/// CPU used by the server and by this generator over one measurement.
+#[derive(Default, Clone, Copy)]
+struct CpuUse {
+    server_user: Duration,
+    server_sys: Duration,
+    client: Duration,
+}
+
+/// Runs `f`, reporting the CPU the server (`pid`) and this process used meanwhile.
+async fn with_cpu<T>(pid: u32, f: impl std::future::Future<Output = T>) -> (T, CpuUse) {
+    let pid = pid.to_string();
+    let s0 = cpu_time(&pid).unwrap_or_default();
+    let c0 = cpu_time("self").unwrap_or_default();
+    let out = f.await;
+    let s1 = cpu_time(&pid).unwrap_or_default();
+    let c1 = cpu_time("self").unwrap_or_default();
+    let cpu = CpuUse {
+        server_user: s1.0.saturating_sub(s0.0),
+        server_sys: s1.1.saturating_sub(s0.1),
+        client: (c1.0 + c1.1).saturating_sub(c0.0 + c0.1),
+    };
+    (out, cpu)
+}
+
 fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -405,55 +443,73 @@ async fn main() -> Result<(), Failure> {
         rss_mib(pid).unwrap_or(0.0)
     );
 
-    println!("\n| conns | endpoint | req/s | vs static | p50 ms | p99 ms | p99.9 ms | errors |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "\n| conns | endpoint | req/s | vs static | p50 ms | p99 ms | p99.9 ms | errors | server CPU µs/req (user + sys) | generator CPU µs/req |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let secs = Duration::from_secs(args.seconds);
     for &conns in &args.connections {
-        let stat = drive(
-            server.addr,
-            None,
-            conns,
-            Some(secs),
-            None,
-            200,
-            Arc::new(|_| get("/healthz", None)),
+        let (stat, stat_cpu) = with_cpu(
+            pid,
+            drive(
+                server.addr,
+                None,
+                conns,
+                Some(secs),
+                None,
+                200,
+                Arc::new(|_| get("/healthz", None)),
+            ),
         )
-        .await?;
+        .await;
+        let stat = stat?;
         let (r, t) = (root.clone(), tokens.clone());
-        let ver = drive(
-            server.addr,
-            None,
-            conns,
-            Some(secs),
-            None,
-            200,
-            Arc::new(move |i| verify(&r, &t[(i * 7919) as usize % t.len()])),
+        let (ver, ver_cpu) = with_cpu(
+            pid,
+            drive(
+                server.addr,
+                None,
+                conns,
+                Some(secs),
+                None,
+                200,
+                Arc::new(move |i| verify(&r, &t[(i * 7919) as usize % t.len()])),
+            ),
         )
-        .await?;
+        .await;
+        let ver = ver?;
         let t = tokens.clone();
-        let me = drive(
-            server.addr,
-            None,
-            conns,
-            Some(secs),
-            None,
-            200,
-            Arc::new(move |i| get("/v1/me", Some(&t[(i * 7919) as usize % t.len()]))),
+        let (me, me_cpu) = with_cpu(
+            pid,
+            drive(
+                server.addr,
+                None,
+                conns,
+                Some(secs),
+                None,
+                200,
+                Arc::new(move |i| get("/v1/me", Some(&t[(i * 7919) as usize % t.len()]))),
+            ),
         )
-        .await?;
-        for (name, run) in [
-            ("GET /healthz (static)", &stat),
-            ("POST /v1/keys/verify", &ver),
-            ("GET /v1/me", &me),
+        .await;
+        let me = me?;
+        for (name, run, cpu) in [
+            ("GET /healthz (static)", &stat, stat_cpu),
+            ("POST /v1/keys/verify", &ver, ver_cpu),
+            ("GET /v1/me", &me, me_cpu),
         ] {
+            let per = |d: Duration| d.as_secs_f64() * 1e6 / run.requests.max(1) as f64;
             println!(
-                "| {conns} | {name} | {:.0} | {:.0}% | {:.2} | {:.2} | {:.2} | {} |",
+                "| {conns} | {name} | {:.0} | {:.0}% | {:.2} | {:.2} | {:.2} | {} | {:.1} + {:.1} | {:.1} |",
                 run.rps(),
                 100.0 * run.rps() / stat.rps(),
                 run.ms(0.5),
                 run.ms(0.99),
                 run.ms(0.999),
-                run.errors
+                run.errors,
+                per(cpu.server_user),
+                per(cpu.server_sys),
+                per(cpu.client),
             );
         }
     }

@@ -2502,6 +2502,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     failed_state_changes_write_no_audit_event(s).await;
     usage_counts_add_up_and_read_back_by_hour(s).await;
     last_used_at_only_moves_forward(s).await;
+    a_large_usage_flush_writes_every_row(s).await;
     a_quota_threshold_is_announced_once_per_period(s).await;
     import_keys_inserts_all_or_nothing(s).await;
     concurrent_quota_takes_admit_exactly_the_limit(Arc::clone(&store)).await;
@@ -2852,6 +2853,62 @@ pub async fn last_used_at_only_moves_forward(store: &dyn Store) {
     );
 }
 
+/// One flush may carry tens of thousands of rows (every key used in the last second), more than
+/// one statement takes, and may name a (key, hour) or a key's last use twice: every count lands,
+/// twice-named counts add up, and the latest use wins.
+pub async fn a_large_usage_flush_writes_every_row(store: &dyn Store) {
+    let (o, _) = new_org(store, "big-flush").await;
+    let (agent, k1) = new_agent(store, o.id, "big-flush-agent").await;
+    let k2 = key(o.id, Some(agent.id), TokenKind::Agent);
+    add_key(store, &k2).await;
+    let h0 = hour_of(now());
+    let h1 = h0 + Duration::hours(1);
+    let d = |key_id, hour, allowed| UsageDelta {
+        key_id,
+        org_id: o.id,
+        hour,
+        allowed,
+        denied: 1,
+        rate_limited: 0,
+    };
+    // 25,000 counts of keys the store need not know (usage rows carry no foreign key), then the
+    // real keys' counts, one of them twice.
+    let others: Vec<Uuid> = (0..12_500).map(|_| Uuid::now_v7()).collect();
+    let mut deltas: Vec<UsageDelta> = others
+        .iter()
+        .flat_map(|id| [d(*id, h0, 2), d(*id, h1, 3)])
+        .collect();
+    deltas.push(d(k1.id, h0, 5));
+    deltas.push(d(k2.id, h0, 7));
+    deltas.push(d(k1.id, h0, 11));
+    let t1 = now();
+    let t0 = t1 - Duration::minutes(1);
+    store
+        .record_usage(&deltas, &[(k1.id, t0), (k2.id, t0), (k1.id, t1)], &[])
+        .await
+        .unwrap();
+    let end = h1 + Duration::hours(1);
+    assert_eq!(store.allowed_between(k1.id, h0, end).await.unwrap(), 16);
+    assert_eq!(store.allowed_between(k2.id, h0, end).await.unwrap(), 7);
+    for id in [others[0], others[6_000], others[12_499]] {
+        assert_eq!(
+            store.allowed_between(id, h0, end).await.unwrap(),
+            5,
+            "every row of a large flush must land"
+        );
+    }
+    let hours = store.usage_hours(k1.id, h0, end).await.unwrap();
+    assert_eq!(hours.len(), 1);
+    assert_eq!(
+        (hours[0].allowed, hours[0].denied),
+        (16, 2),
+        "a (key, hour) named twice in one flush adds both counts"
+    );
+    let got = |k: Uuid| async move { store.get_key(k).await.unwrap().unwrap().last_used_at };
+    assert_eq!(got(k1.id).await, Some(t1), "the latest use of a key wins");
+    assert_eq!(got(k2.id).await, Some(t0));
+}
+
 /// A threshold's event is written the first time only, per key and period.
 pub async fn a_quota_threshold_is_announced_once_per_period(store: &dyn Store) {
     let (o, _) = new_org(store, "alerts").await;
@@ -2937,6 +2994,7 @@ macro_rules! conformance_tests {
             failed_state_changes_write_no_audit_event,
             usage_counts_add_up_and_read_back_by_hour,
             last_used_at_only_moves_forward,
+            a_large_usage_flush_writes_every_row,
             a_quota_threshold_is_announced_once_per_period,
             import_keys_inserts_all_or_nothing,
             a_change_watch_hears_every_change_to_existing_keys,

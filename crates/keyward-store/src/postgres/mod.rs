@@ -363,6 +363,9 @@ fn quote_ident(name: &str) -> String {
 }
 
 /// Maps sqlx errors to domain errors once, here.
+/// Most usage rows written by one statement.
+const USAGE_ROWS_PER_STATEMENT: usize = 10_000;
+
 fn map_err(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::Database(db) if db.is_unique_violation() => match db.constraint() {
@@ -1207,38 +1210,50 @@ impl Store for PostgresStore {
             return Ok(());
         }
         let mut tx = self.begin().await?;
-        // Rows are touched in one fixed order (key, then hour) so two nodes flushing overlapping
-        // counters wait for each other instead of deadlocking.
-        let mut deltas: Vec<&UsageDelta> = deltas.iter().collect();
-        deltas.sort_by_key(|d| (d.key_id, d.hour));
-        let mut last_used: Vec<&(Uuid, Timestamp)> = last_used.iter().collect();
-        last_used.sort_by_key(|(id, _)| *id);
-        for d in deltas {
+        // One statement per kind of row (arrays that `UNNEST` unrolls), not one per row: a busy
+        // node uses thousands of keys a second. Rows are aggregated and touched in one fixed
+        // order (key, then hour) so two nodes flushing overlapping counters wait for each other
+        // instead of deadlocking, and a batch naming one row twice cannot update it twice.
+        for chunk in deltas.chunks(USAGE_ROWS_PER_STATEMENT) {
+            let key_ids: Vec<String> = chunk.iter().map(|d| d.key_id.to_string()).collect();
+            let org_ids: Vec<String> = chunk.iter().map(|d| d.org_id.to_string()).collect();
+            let hours: Vec<i64> = chunk.iter().map(|d| ms(d.hour)).collect();
+            let allowed: Vec<i64> = chunk.iter().map(|d| d.allowed as i64).collect();
+            let denied: Vec<i64> = chunk.iter().map(|d| d.denied as i64).collect();
+            let limited: Vec<i64> = chunk.iter().map(|d| d.rate_limited as i64).collect();
             sqlx::query(
                 "INSERT INTO usage_hourly (key_id, org_id, hour_start, allowed, denied, rate_limited) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (key_id, hour_start) DO UPDATE SET \
+                 SELECT k, min(o), h, sum(a), sum(d), sum(r) \
+                 FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[]) \
+                 AS u(k, o, h, a, d, r) GROUP BY k, h ORDER BY k, h \
+                 ON CONFLICT (key_id, hour_start) DO UPDATE SET \
                  allowed = usage_hourly.allowed + excluded.allowed, \
                  denied = usage_hourly.denied + excluded.denied, \
                  rate_limited = usage_hourly.rate_limited + excluded.rate_limited",
             )
-            .bind(d.key_id.to_string())
-            .bind(d.org_id.to_string())
-            .bind(ms(d.hour))
-            .bind(d.allowed as i64)
-            .bind(d.denied as i64)
-            .bind(d.rate_limited as i64)
+            .bind(key_ids)
+            .bind(org_ids)
+            .bind(hours)
+            .bind(allowed)
+            .bind(denied)
+            .bind(limited)
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
         }
-        for (key_id, at) in last_used {
+        for chunk in last_used.chunks(USAGE_ROWS_PER_STATEMENT) {
+            let key_ids: Vec<String> = chunk.iter().map(|(id, _)| id.to_string()).collect();
+            let ats: Vec<i64> = chunk.iter().map(|(_, at)| ms(*at)).collect();
+            // The rows are locked in key order first, for the same reason as above.
             sqlx::query(
-                "UPDATE keys SET last_used_at = $1 WHERE id = $2 \
-                 AND (last_used_at IS NULL OR last_used_at < $3)",
+                "WITH u AS (SELECT k, max(t) AS t FROM UNNEST($1::text[], $2::bigint[]) AS x(k, t) GROUP BY k), \
+                 locked AS (SELECT keys.id FROM keys JOIN u ON keys.id = u.k ORDER BY keys.id FOR UPDATE OF keys) \
+                 UPDATE keys SET last_used_at = u.t FROM u, locked \
+                 WHERE keys.id = u.k AND locked.id = keys.id \
+                 AND (keys.last_used_at IS NULL OR keys.last_used_at < u.t)",
             )
-            .bind(ms(*at))
-            .bind(key_id.to_string())
-            .bind(ms(*at))
+            .bind(key_ids)
+            .bind(ats)
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
