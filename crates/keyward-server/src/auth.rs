@@ -16,14 +16,15 @@ use keyward_core::model::{AuditEvent, Key, Outcome, TraceContext};
 use keyward_core::rules::{ConstraintError, RequestFacts};
 use keyward_core::scope::Scope;
 use keyward_core::secret::Secret;
-use keyward_core::token::{self, TokenDigest, TokenKind};
+use keyward_core::token::TokenKind;
 use keyward_proto::ErrorCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::cache::Prepared;
 use crate::error::ApiError;
-use crate::usage::Use;
+use crate::stats::{stats, Hot};
+use crate::usage::{Admission, QuotaUse, Use};
 use crate::AppState;
 
 /// The authenticated caller of a request, with the facts audit events need.
@@ -120,10 +121,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        // Taken rather than cloned: a handler extracts its caller once.
         parts
             .extensions
-            .get::<Caller>()
-            .cloned()
+            .remove::<Caller>()
             .ok_or_else(|| ApiError::new(ErrorCode::MissingCredentials))
     }
 }
@@ -239,26 +240,14 @@ pub fn denial_error(d: Denial) -> ApiError {
     ApiError::new(code)
 }
 
-/// Looks a presented token up: parse (no store access for malformed tokens), digest, then the
-/// verify cache (which reads the store on a miss).
-pub async fn lookup(
-    state: &AppState,
-    token: &str,
-    now: keyward_core::model::Timestamp,
-) -> Result<Arc<Prepared>, ApiError> {
-    token::parse(token).map_err(|_| ApiError::new(ErrorCode::InvalidApiKey))?;
-    let digest = TokenDigest::of(token);
-    match state
+/// Looks a presented token up in the verify cache (which parses it and reads the store on a
+/// miss; malformed tokens never reach the store).
+pub async fn lookup(state: &AppState, token: &str, now_ms: i64) -> Result<Arc<Prepared>, ApiError> {
+    state
         .cache
-        .lookup(state.store.as_ref(), digest, now)
+        .lookup(state.store.as_ref(), &state.meter, token, now_ms)
         .await?
-    {
-        // The lookup is by digest, so this compare is belt and braces against a cache or store
-        // that returned the wrong entry; it is constant-time like every compare of secret
-        // material.
-        Some(p) if keyward_core::secret::ct_eq(p.key.digest.as_bytes(), digest.as_bytes()) => Ok(p),
-        _ => Err(ApiError::new(ErrorCode::InvalidApiKey)),
-    }
+        .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey))
 }
 
 /// The rate-limit state to report on a response.
@@ -272,62 +261,116 @@ pub struct RateHeaders {
 
 impl RateHeaders {
     fn apply(&self, resp: &mut Response) {
-        for (name, v) in [
-            ("x-ratelimit-limit", self.limit.to_string()),
-            ("x-ratelimit-remaining", self.remaining.to_string()),
-            ("x-ratelimit-reset", self.reset.to_string()),
-        ] {
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                resp.headers_mut().insert(name, v);
-            }
-        }
+        let h = resp.headers_mut();
+        h.insert("x-ratelimit-limit", HeaderValue::from(self.limit));
+        h.insert("x-ratelimit-remaining", HeaderValue::from(self.remaining));
+        h.insert("x-ratelimit-reset", HeaderValue::from(self.reset));
     }
 }
 
-/// Runs the key's rate limit for one request at `now`: the headers to report, or
-/// `429 RATE_LIMITED` with `retry_after`. Keys without a limit get `Ok(None)`. With the Redis
-/// backend the decision is shared by every node; when Redis cannot decide, this node's local
-/// limiter does.
-pub async fn rate_limit(
+/// The traffic controls of API.md §6.2 and §6.3 for one request of `p` at `now_ms`: the rate
+/// limit, then the quota; the use is counted (as `admitted_as` when it passes, as rate-limited
+/// when either refuses).
+/// Answers the rate-limit headers to report (keys without a limit have none) and the quota
+/// state, or `429 RATE_LIMITED` / `QUOTA_EXCEEDED` with `retry_after`.
+///
+/// A cached key on the local limiter with no quota, or whose quota counter is loaded, is decided
+/// in memory under its one lock. With the Redis backend the rate decision is shared by every
+/// node (and when Redis cannot decide, this node's limiter does); a quota on a shared store, or
+/// one whose counter this node has not loaded yet, is taken through the store.
+pub async fn admit(
     state: &AppState,
-    prepared: &Prepared,
-    now: keyward_core::model::Timestamp,
-) -> (Option<RateHeaders>, Result<(), ApiError>) {
-    let Some(gcra) = prepared.rate else {
-        return (None, Ok(()));
+    p: &Prepared,
+    admitted_as: Use,
+    now_ms: i64,
+) -> (Option<RateHeaders>, Result<Option<QuotaUse>, ApiError>) {
+    let remote_rate = p.rate.is_some()
+        && matches!(
+            state.config.rate_limit_backend,
+            crate::RateLimitBackend::Redis(_)
+        );
+    let local = if remote_rate {
+        None
+    } else {
+        state.meter.try_admit(
+            &p.live,
+            p.bucket.as_deref(),
+            &p.key,
+            p.rate.as_ref(),
+            state.store.is_shared(),
+            admitted_as,
+            now_ms,
+        )
     };
-    let now_ns = now.timestamp_nanos_opt().unwrap_or(i64::MAX);
-    let key = &prepared.key;
-    let bucket = key.parent_key_id.unwrap_or(key.id);
-    let d = match &state.config.rate_limit_backend {
-        crate::RateLimitBackend::Local => state.limiter.check(bucket, &gcra, now_ns),
-        crate::RateLimitBackend::Redis(redis) => match redis.check(bucket, &gcra, now_ns).await {
-            Some(Ok(d)) => d,
-            _ => {
-                crate::stats::stats().ratelimit_fallback.increment(1);
-                state.limiter.check(bucket, &gcra, now_ns)
-            }
-        },
+    let admission = match local {
+        Some(a) => a,
+        None => admit_through_store(state, p, admitted_as, now_ms).await,
+    };
+    let now_ns = now_ms.saturating_mul(1_000_000);
+    let (Some(gcra), Some(d)) = (p.rate, admission.rate) else {
+        return (None, admission.quota);
     };
     let headers = RateHeaders {
         limit: gcra.limit,
         remaining: d.remaining,
         reset: (now_ns.saturating_add(d.reset_after_ns) + 999_999_999) / 1_000_000_000,
     };
-    let stats = crate::stats::stats();
     if d.allowed {
-        stats.ratelimit_allowed.increment(1);
+        stats().add(Hot::RateAllowed);
+        (Some(headers), admission.quota)
     } else {
-        stats.ratelimit_refused.increment(1);
-    }
-    if d.allowed {
-        (Some(headers), Ok(()))
-    } else {
+        stats().add(Hot::RateRefused);
         let secs = ((d.retry_after_ns + 999_999_999) / 1_000_000_000).max(1) as u64;
         let mut e = ApiError::new(ErrorCode::RateLimited).details(json!({ "limit": gcra.limit }));
         e.retry_after = Some(secs);
         (Some(headers), Err(e))
     }
+}
+
+/// [`admit`] when memory alone cannot decide: the rate limit through Redis (or the local
+/// fallback), the quota through the store.
+async fn admit_through_store(
+    state: &AppState,
+    p: &Prepared,
+    admitted_as: Use,
+    now_ms: i64,
+) -> Admission {
+    let now_ns = now_ms.saturating_mul(1_000_000);
+    let local = p.bucket.as_deref().unwrap_or(&p.live);
+    let rate = match p.rate {
+        None => None,
+        Some(g) => Some(match &state.config.rate_limit_backend {
+            crate::RateLimitBackend::Local => local.gcra(&g, now_ns),
+            crate::RateLimitBackend::Redis(redis) => {
+                let bucket = p.key.parent_key_id.unwrap_or(p.key.id);
+                match redis.check(bucket, &g, now_ns).await {
+                    Some(Ok(d)) => d,
+                    _ => {
+                        stats().add(Hot::RateFallback);
+                        local.gcra(&g, now_ns)
+                    }
+                }
+            }
+        }),
+    };
+    if rate.is_some_and(|d| !d.allowed) {
+        state.meter.record(&p.live, Use::RateLimited, now_ms);
+        return Admission {
+            rate,
+            quota: Ok(None),
+        };
+    }
+    let quota = state
+        .meter
+        .take_quota(state.store.as_ref(), &p.live, &p.key, now_ms)
+        .await;
+    let outcome = match &quota {
+        Ok(_) => admitted_as,
+        Err(e) if e.code == ErrorCode::QuotaExceeded => Use::RateLimited,
+        Err(_) => Use::Denied,
+    };
+    state.meter.record(&p.live, outcome, now_ms);
+    Admission { rate, quota }
 }
 
 /// The facts of a request to Keyward's own API, for deny rules.
@@ -466,7 +509,7 @@ fn rules_waived(key: &Key, method: &axum::http::Method, path: &str) -> bool {
 }
 
 /// The checks of API.md §1 up to (not including) the endpoint's scope and org checks, in
-/// contract order: key state, agent state, signature, constraints and rules, rate limit.
+/// contract order: key state, agent state, signature, constraints and rules, rate limit, quota.
 async fn authenticate(
     state: &AppState,
     ip: IpAddr,
@@ -474,11 +517,11 @@ async fn authenticate(
     trace: &Result<TraceContext, ApiError>,
     meta: &mut Meta,
 ) -> Result<Request, ApiError> {
-    let now = state.now();
+    let now_ms = state.now_ms();
     // An address that keeps failing to authenticate is refused before its token is even
     // parsed, so guessing keys is slow and costs the server nothing.
     if let Some(g) = failed_auth_gcra(state) {
-        let now_ns = now.timestamp_nanos_opt().unwrap_or(i64::MAX);
+        let now_ns = now_ms.saturating_mul(1_000_000);
         if let Some(wait_ns) = state.auth_throttle.blocked_for(ip, &g, now_ns) {
             meta.throttled = true;
             let mut e = ApiError::new(ErrorCode::RateLimited)
@@ -488,36 +531,51 @@ async fn authenticate(
         }
     }
     let token = credential(req.headers())?;
-    let prepared = lookup(state, token.expose(), now).await?;
+    let prepared = lookup(state, token.expose(), now_ms).await?;
     meta.prepared = Some(prepared.clone());
-    let result = authorize(state, &prepared, ip, req, trace, meta, now).await;
-    let outcome = match &result {
-        Ok(_) => Use::Allowed,
-        Err(e) if matches!(e.code, ErrorCode::RateLimited | ErrorCode::QuotaExceeded) => {
-            Use::RateLimited
+    let (req, narrowed, trace) = match check(state, &prepared, ip, req, trace, meta, now_ms).await {
+        Ok(passed) => passed,
+        Err(e) => {
+            state.meter.record(&prepared.live, Use::Denied, now_ms);
+            return Err(e);
         }
-        Err(_) => Use::Denied,
     };
-    state.meter.record(&prepared.key, outcome, now);
-    result
+    // The traffic controls count the use themselves (allowed or rate-limited).
+    let (rate, admitted) = admit(state, &prepared, Use::Allowed, now_ms).await;
+    meta.rate = rate;
+    admitted?;
+    let mut req = req;
+    req.extensions_mut().insert(Caller {
+        narrowed,
+        prepared,
+        ctx: RequestContext {
+            client_ip: Some(ip),
+            request_id: crate::request_id::current(),
+            trace,
+        },
+    });
+    Ok(req)
 }
 
-/// Everything after the key is found: key state, agent state, signature, constraints and
-/// rules, rate limit, quota.
-async fn authorize(
+/// The checks before the traffic controls: key state, agent state, signature, constraints and
+/// rules, then the trace headers (so a malformed request uses none of the key's limits). Answers
+/// the request (rebuilt when its body was read for the signature), the scopes a constraints
+/// header narrowed it to, and its trace context.
+async fn check(
     state: &AppState,
     prepared: &Arc<Prepared>,
     ip: IpAddr,
     mut req: Request,
     trace: &Result<TraceContext, ApiError>,
     meta: &mut Meta,
-    now: keyward_core::model::Timestamp,
-) -> Result<Request, ApiError> {
+    now_ms: i64,
+) -> Result<(Request, Option<Vec<Scope>>, TraceContext), ApiError> {
     let key = &prepared.key;
     let is_me = req.uri().path() == "/v1/me";
     meta.deprecated = key.deprecated_at.is_some();
-    check_key(key, prepared.agent_status, Some(ip), now, is_me).map_err(denial_error)?;
+    check_key(key, prepared.agent_status, Some(ip), now_ms, is_me).map_err(denial_error)?;
     if key.requires_signature {
+        let now = keyward_core::clock::from_millis(now_ms);
         req = verify_signed_request(state, key, req, now).await?;
     }
     // Scopes are only copied when a constraints header narrows them.
@@ -544,27 +602,10 @@ async fn authorize(
             return Err(ApiError::new(ErrorCode::PolicyDenied));
         }
     }
-    let (rate, limited) = rate_limit(state, prepared, now).await;
-    meta.rate = rate;
-    limited?;
-    state
-        .meter
-        .take_quota(state.store.as_ref(), key, now)
-        .await?;
     // Trace headers are validated once the credential is known to be good, so that a request
     // without a valid key always learns that first.
     let trace = trace.clone()?;
-    let caller = Caller {
-        narrowed,
-        prepared: prepared.clone(),
-        ctx: RequestContext {
-            client_ip: Some(ip),
-            request_id: crate::request_id::current(),
-            trace,
-        },
-    };
-    req.extensions_mut().insert(caller);
-    Ok(req)
+    Ok((req, narrowed, trace))
 }
 
 /// Buffers the body (within the 1 MiB limit), checks the request's signature and hands back an

@@ -29,6 +29,9 @@ use keyward_core::model::{AgentStatus, Key, OrgPolicy, RateLimit, Rule};
 use keyward_core::token::TokenDigest;
 use keyward_store::{KeyWithAgent, Store, StoreError};
 
+use crate::stats::{stats, Hot};
+use crate::usage::{KeyState, Meter};
+
 /// Sizes and lifetimes of the cache.
 #[derive(Debug, Clone, Copy)]
 pub struct CacheSettings {
@@ -71,6 +74,10 @@ pub struct Prepared {
     pub rules: Vec<Rule>,
     /// The key's effective rate limit (its own, its tier's, or the org default), if any.
     pub rate: Option<Gcra>,
+    /// The key's live traffic state (use counts, quota, its own rate-limit bucket).
+    pub live: Arc<KeyState>,
+    /// For a derived key, its parent's state: the bucket its requests are limited by.
+    pub bucket: Option<Arc<KeyState>>,
 }
 
 /// Resolves a key's rate limit: its own setting, else the org's default; tiers by name.
@@ -87,7 +94,8 @@ pub fn resolve_rate(key: &Key, policy: &OrgPolicy) -> Option<Gcra> {
 }
 
 impl Prepared {
-    pub fn from_store(found: KeyWithAgent) -> Prepared {
+    /// Prepares a key read from the store, with its live state from `meter`.
+    pub fn from_store(found: KeyWithAgent, meter: &Meter) -> Prepared {
         let mut rules = found.org_policy.rules.clone();
         if let Some(p) = &found.agent_policy {
             // Agent policies are validated on write; a rule that no longer parses is skipped
@@ -96,14 +104,33 @@ impl Prepared {
                 keyward_core::model::validate_policy_rules("policy", p).unwrap_or_default(),
             );
         }
+        let live = meter.state(found.key.id, found.key.org_id);
+        let bucket = found
+            .key
+            .parent_key_id
+            .map(|parent| meter.state(parent, found.key.org_id));
         Prepared {
             rate: resolve_rate(&found.key, &found.org_policy),
+            live,
+            bucket,
             key: found.key,
             agent_status: found.agent_status,
             agent_name: found.agent_name,
             rules,
         }
     }
+}
+
+/// Prepares what the store found for `digest`. The store was asked by digest; the compare is
+/// belt and braces against one that answered with another key (treated as unknown).
+fn prepare(
+    found: Option<KeyWithAgent>,
+    digest: &TokenDigest,
+    meter: &Meter,
+) -> Option<Arc<Prepared>> {
+    found
+        .filter(|k| k.key.digest == *digest)
+        .map(|k| Arc::new(Prepared::from_store(k, meter)))
 }
 
 /// Hashes a digest by its first eight bytes: a SHA-256 output is uniformly distributed already.
@@ -262,29 +289,61 @@ impl VerifyCache {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// The prepared snapshot of a digest at `now` (the request's time), or `None` for an unknown
-    /// token. While this node may have missed other nodes' writes for longer than it may be
-    /// stale, the store is read whatever the cache holds.
+    /// The prepared snapshot of a presented token at `now_ms` (the request's time), or `None`
+    /// for an unknown or malformed token. While this node may have missed other nodes' writes
+    /// for longer than it may be stale, the store is read whatever the cache holds.
+    ///
+    /// The token is hashed and looked up before it is parsed: a hit is the digest of a stored
+    /// key, and every stored key's token is well formed, so parsing (the checksum) only runs on
+    /// a miss, where it keeps malformed tokens away from the store.
     pub async fn lookup(
         &self,
         store: &dyn Store,
+        meter: &Meter,
+        token: &str,
+        now_ms: i64,
+    ) -> Result<Option<Arc<Prepared>>, StoreError> {
+        let digest = TokenDigest::of(token);
+        match self.cached(&digest, now_ms) {
+            Some(hit) => Ok(hit),
+            None => self.load(store, meter, token, digest, now_ms).await,
+        }
+    }
+
+    /// What this generation of the cache holds for a digest: `Some(Some(_))` for a key,
+    /// `Some(None)` for a known unknown, `None` when the store must be asked. The map's probe
+    /// compares digests in constant time.
+    fn cached(&self, digest: &TokenDigest, now_ms: i64) -> Option<Option<Arc<Prepared>>> {
+        if !self.coherence.fresh() {
+            return None;
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some(p) = self.found.get(digest, generation, now_ms) {
+            stats().add(Hot::CacheHit);
+            return Some(Some(p));
+        }
+        if self.missing.get(digest, generation, now_ms).is_some() {
+            stats().add(Hot::CacheNegativeHit);
+            return Some(None);
+        }
+        None
+    }
+
+    /// A miss: parse the token (malformed ones stop here), then read the store, one read per
+    /// digest however many requests wait for it.
+    async fn load(
+        &self,
+        store: &dyn Store,
+        meter: &Meter,
+        token: &str,
         digest: TokenDigest,
-        now: keyward_core::model::Timestamp,
+        now_ms: i64,
     ) -> Result<Option<Arc<Prepared>>, StoreError> {
         let generation = self.generation.load(Ordering::Acquire);
-        let now = now.timestamp_millis();
-        let stats = crate::stats::stats();
-        if self.coherence.fresh() {
-            if let Some(p) = self.found.get(&digest, generation, now) {
-                stats.cache_hit.increment(1);
-                return Ok(Some(p));
-            }
-            if self.missing.get(&digest, generation, now).is_some() {
-                stats.cache_negative_hit.increment(1);
-                return Ok(None);
-            }
+        if keyward_core::token::parse(token).is_err() {
+            return Ok(None);
         }
-        stats.cache_miss.increment(1);
+        stats().add(Hot::CacheMiss);
         // Coalesce: the first request for this digest reads the store; the others wait for it.
         let cell = {
             let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
@@ -293,13 +352,13 @@ impl VerifyCache {
         let loaded = cell
             .get_or_init(|| async {
                 let r = match store.find_key_by_digest(&digest).await {
-                    Ok(found) => Ok(found.map(|k| Arc::new(Prepared::from_store(k)))),
+                    Ok(found) => Ok(prepare(found, &digest, meter)),
                     Err(e) => Err((e.to_string(), matches!(e, StoreError::Unavailable(_)))),
                 };
                 if let Ok(v) = &r {
                     match v {
-                        Some(p) => self.found.insert(digest, p.clone(), generation, now),
-                        None => self.missing.insert(digest, (), generation, now),
+                        Some(p) => self.found.insert(digest, p.clone(), generation, now_ms),
+                        None => self.missing.insert(digest, (), generation, now_ms),
                     }
                 }
                 r
@@ -319,15 +378,14 @@ impl VerifyCache {
             Err((msg, true)) => return Err(StoreError::Unavailable(msg)),
             Err((msg, false)) => return Err(StoreError::Internal(msg)),
         };
-        if self.generation.load(Ordering::Acquire) != generation {
+        let answer = if self.generation.load(Ordering::Acquire) != generation {
             // A write landed while this read was in flight: what we hold could predate it.
             self.found.remove(&digest);
             self.missing.remove(&digest);
-            return Ok(store
-                .find_key_by_digest(&digest)
-                .await?
-                .map(|k| Arc::new(Prepared::from_store(k))));
-        }
+            prepare(store.find_key_by_digest(&digest).await?, &digest, meter)
+        } else {
+            answer
+        };
         Ok(answer)
     }
 

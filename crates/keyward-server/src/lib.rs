@@ -108,9 +108,7 @@ pub struct Shared {
     pub replay: signing::ReplayCache,
     /// Prepared key snapshots by digest.
     pub cache: cache::VerifyCache,
-    /// Per-key rate-limit state.
-    pub limiter: limiter::Limiter,
-    /// Usage counts, last-used times and quota counters not yet flushed.
+    /// Each key's live traffic state: rate-limit bucket, quota counter, uses not yet flushed.
     pub meter: usage::Meter,
     /// Aggregated access decisions (`auth.denied`, failed `key.verify`) not yet written.
     pub decisions: decisions::DecisionLog,
@@ -122,13 +120,14 @@ impl AppState {
     /// The state of a server over `store` (no background tasks; `serve` starts those).
     pub fn new(config: ServerConfig, store: Arc<dyn Store>) -> AppState {
         let shared = store.is_shared();
+        // The first reading of the system clock's fast path calibrates it: before any request.
+        config.clock.now_ms();
         AppState(Arc::new(Shared {
             store,
             clock: config.clock.clone(),
             cache: cache::VerifyCache::new(config.cache, shared),
             config,
             replay: signing::ReplayCache::default(),
-            limiter: limiter::Limiter::default(),
             meter: usage::Meter::default(),
             decisions: decisions::DecisionLog::default(),
             auth_throttle: limiter::Limiter::default(),
@@ -139,6 +138,11 @@ impl AppState {
     /// memory equals what the store gives back.
     pub fn now(&self) -> keyward_core::model::Timestamp {
         keyward_core::clock::truncate_to_millis(self.clock.now())
+    }
+
+    /// The current time as Unix milliseconds, for the hot path (no calendar date is built).
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 
     /// Called after every write that changes what a key may do (or creates one): drops the
@@ -268,8 +272,10 @@ async fn flush_usage(state: AppState) {
     let mut tick = tokio::time::interval(state.config.usage_flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_ok = std::time::Instant::now();
+    let mut ticks: u64 = 0;
     loop {
         tick.tick().await;
+        ticks += 1;
         match state.meter.flush(state.store.as_ref()).await {
             Ok(()) => last_ok = std::time::Instant::now(),
             Err(e) => tracing::warn!(error = %e, "usage flush failed; will retry"),
@@ -277,7 +283,13 @@ async fn flush_usage(state: AppState) {
         state.decisions.flush(state.store.as_ref()).await;
         let now_ns = state.now().timestamp_nanos_opt().unwrap_or(i64::MAX);
         state.auth_throttle.prune(now_ns);
+        // Forgetting idle key states walks every state: not every tick.
+        if ticks.is_multiple_of(30) {
+            state.meter.prune(state.now_ms());
+        }
+        crate::stats::stats().publish();
         metrics::gauge!("keyward_verify_cache_entries").set(state.cache.entries() as f64);
+        metrics::gauge!("keyward_key_states").set(state.meter.states() as f64);
         metrics::gauge!("keyward_usage_flush_lag_seconds").set(last_ok.elapsed().as_secs_f64());
         metrics::gauge!("keyward_cache_staleness_seconds")
             .set(state.cache.coherence.lag_ms() as f64 / 1000.0);

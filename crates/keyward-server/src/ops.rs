@@ -82,6 +82,7 @@ pub fn prometheus() -> &'static PrometheusHandle {
 /// `GET /metrics`: Prometheus text.
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, content_type = "text/plain")))]
 pub async fn metrics() -> Response {
+    crate::stats::stats().publish();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         prometheus().render(),

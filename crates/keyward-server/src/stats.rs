@@ -1,54 +1,207 @@
-//! Metric handles of the hot path, registered once. `metrics::counter!` with labels looks the
-//! series up in the registry on every call (hashing and allocating its labels); the verify path
-//! runs millions of times a second, so it holds its handles instead.
+//! Counters of the hot path, kept per thread and published to the metrics registry when
+//! `/metrics` is rendered (and on every flush tick).
+//!
+//! A `metrics::Counter` is one shared atomic: two cores verifying at once bounce its cache line
+//! between them on every increment, and the verify path counts two or three things per request.
+//! Here each thread counts in its own block, which only that thread writes (so an increment is a
+//! plain load and store, no locked instruction), and `publish` sums the blocks into the
+//! registered counters. What `/metrics` shows is exact at the moment it is rendered.
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use keyward_proto::ErrorCode;
 use metrics::Counter;
 
-/// The hot path's counters.
-pub struct Stats {
-    pub cache_hit: Counter,
-    pub cache_miss: Counter,
-    pub cache_negative_hit: Counter,
-    pub ratelimit_allowed: Counter,
-    pub ratelimit_refused: Counter,
+/// One hot-path counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hot {
+    CacheHit,
+    CacheMiss,
+    CacheNegativeHit,
+    RateAllowed,
+    RateRefused,
     /// Decisions the local limiter made because the shared (Redis) one could not.
-    pub ratelimit_fallback: Counter,
-    /// Verifications by outcome: one per error code (table order), then `VALID`.
-    verifications: Vec<Counter>,
+    RateFallback,
+    /// A verification by outcome: an error code, or `None` for `VALID`.
+    Verification(Option<ErrorCode>),
 }
 
-impl Stats {
-    /// The verification counter of an outcome code (`None` = `VALID`).
-    pub fn verification(&self, code: Option<ErrorCode>) -> &Counter {
-        let i = match code {
-            Some(c) => ErrorCode::ALL.iter().position(|x| *x == c).unwrap_or(0),
-            None => ErrorCode::ALL.len(),
-        };
-        &self.verifications[i.min(self.verifications.len() - 1)]
+const FIXED: usize = 6;
+
+impl Hot {
+    fn slot(self) -> usize {
+        match self {
+            Hot::CacheHit => 0,
+            Hot::CacheMiss => 1,
+            Hot::CacheNegativeHit => 2,
+            Hot::RateAllowed => 3,
+            Hot::RateRefused => 4,
+            Hot::RateFallback => 5,
+            Hot::Verification(None) => FIXED,
+            Hot::Verification(Some(c)) => {
+                FIXED + 1 + ErrorCode::ALL.iter().position(|x| *x == c).unwrap_or(0)
+            }
+        }
     }
 }
 
-/// The handles, registered with the process recorder on first use.
+/// One thread's counts, by slot. Only its thread writes them.
+struct Block(Vec<AtomicU64>);
+
+/// The hot path's counters.
+pub struct Stats {
+    /// Every live thread's block.
+    blocks: Mutex<Vec<Arc<Block>>>,
+    /// What threads that have exited counted.
+    retired: Block,
+    /// The registered series, by slot.
+    handles: Vec<Counter>,
+}
+
+/// A thread's block; on thread exit its counts move to `retired` so none are lost.
+struct Mine(Arc<Block>);
+
+impl Drop for Mine {
+    fn drop(&mut self) {
+        let s = stats();
+        for (slot, c) in self.0 .0.iter().enumerate() {
+            s.retired.0[slot].fetch_add(c.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        s.blocks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|b| !Arc::ptr_eq(b, &self.0));
+    }
+}
+
+thread_local! {
+    static MINE: Mine = {
+        let s = stats();
+        let b = Arc::new(s.block());
+        s.blocks.lock().unwrap_or_else(|e| e.into_inner()).push(b.clone());
+        Mine(b)
+    };
+}
+
+impl Stats {
+    fn block(&self) -> Block {
+        Block((0..self.handles.len()).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// Counts one event.
+    #[inline]
+    pub fn add(&self, c: Hot) {
+        let slot = c.slot();
+        // Single writer: a load and a store cannot lose an increment. During thread teardown
+        // (no thread-local left) the event goes to `retired` instead.
+        if MINE
+            .try_with(|m| {
+                let x = &m.0 .0[slot];
+                x.store(x.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            })
+            .is_err()
+        {
+            self.retired.0[slot].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The sum of one counter over every thread.
+    pub fn total(&self, c: Hot) -> u64 {
+        self.totals()[c.slot()]
+    }
+
+    fn totals(&self) -> Vec<u64> {
+        let mut sums: Vec<u64> = self
+            .retired
+            .0
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        for b in self.blocks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            for (sum, c) in sums.iter_mut().zip(&b.0) {
+                *sum += c.load(Ordering::Relaxed);
+            }
+        }
+        sums
+    }
+
+    /// Writes every total into its registered counter.
+    pub fn publish(&self) {
+        for (h, sum) in self.handles.iter().zip(self.totals()) {
+            h.absolute(sum);
+        }
+    }
+}
+
+/// The counters, registered with the process recorder on first use.
 pub fn stats() -> &'static Stats {
     static STATS: OnceLock<Stats> = OnceLock::new();
     STATS.get_or_init(|| {
         crate::ops::prometheus();
-        let mut verifications: Vec<Counter> = ErrorCode::ALL
-            .iter()
-            .map(|c| metrics::counter!("keyward_verifications_total", "code" => c.as_str()))
-            .collect();
-        verifications.push(metrics::counter!("keyward_verifications_total", "code" => "VALID"));
+        let mut handles = vec![
+            metrics::counter!("keyward_verify_cache_total", "result" => "hit"),
+            metrics::counter!("keyward_verify_cache_total", "result" => "miss"),
+            metrics::counter!("keyward_verify_cache_total", "result" => "negative_hit"),
+            metrics::counter!("keyward_ratelimit_decisions_total", "allowed" => "true"),
+            metrics::counter!("keyward_ratelimit_decisions_total", "allowed" => "false"),
+            metrics::counter!("keyward_ratelimit_fallback_total"),
+            metrics::counter!("keyward_verifications_total", "code" => "VALID"),
+        ];
+        handles.extend(
+            ErrorCode::ALL
+                .iter()
+                .map(|c| metrics::counter!("keyward_verifications_total", "code" => c.as_str())),
+        );
         Stats {
-            cache_hit: metrics::counter!("keyward_verify_cache_total", "result" => "hit"),
-            cache_miss: metrics::counter!("keyward_verify_cache_total", "result" => "miss"),
-            cache_negative_hit: metrics::counter!("keyward_verify_cache_total", "result" => "negative_hit"),
-            ratelimit_allowed: metrics::counter!("keyward_ratelimit_decisions_total", "allowed" => "true"),
-            ratelimit_refused: metrics::counter!("keyward_ratelimit_decisions_total", "allowed" => "false"),
-            ratelimit_fallback: metrics::counter!("keyward_ratelimit_fallback_total"),
-            verifications,
+            blocks: Mutex::default(),
+            retired: Block((0..handles.len()).map(|_| AtomicU64::new(0)).collect()),
+            handles,
         }
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_has_its_own_slot() {
+        let mut slots: Vec<usize> = [
+            Hot::CacheHit,
+            Hot::CacheMiss,
+            Hot::CacheNegativeHit,
+            Hot::RateAllowed,
+            Hot::RateRefused,
+            Hot::RateFallback,
+            Hot::Verification(None),
+        ]
+        .into_iter()
+        .chain(ErrorCode::ALL.iter().map(|c| Hot::Verification(Some(*c))))
+        .map(Hot::slot)
+        .collect();
+        let n = slots.len();
+        slots.sort();
+        slots.dedup();
+        assert_eq!(slots.len(), n);
+        assert_eq!(*slots.last().unwrap(), stats().handles.len() - 1);
+    }
+
+    #[test]
+    fn counts_from_many_threads_add_up() {
+        let s = stats();
+        let c = Hot::Verification(Some(ErrorCode::SignatureReplayed));
+        let before = s.total(c);
+        std::thread::scope(|scope| {
+            for _ in 0..8 {
+                scope.spawn(|| {
+                    for _ in 0..1000 {
+                        s.add(c);
+                    }
+                });
+            }
+        });
+        assert_eq!(s.total(c) - before, 8000);
+    }
 }

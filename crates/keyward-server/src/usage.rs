@@ -1,23 +1,33 @@
-//! Usage metering (API.md §6.3): per-key counts by UTC hour, `last_used_at`, quotas and their
-//! alert thresholds.
+//! Usage metering and each key's live traffic state (API.md §6.2, §6.3): per-key counts by UTC
+//! hour, `last_used_at`, the local rate limiter's state, quotas and their alert thresholds.
 //!
-//! Counts and last-used times are kept in memory and flushed to the store on an interval (one
-//! second by default), so the hot path never writes to the database; a crash loses at most one
-//! interval of counts, never a state change. The usage endpoint adds the counts not yet flushed,
-//! so this node's answers are current.
+//! Every key this node has seen has one [`KeyState`]: its GCRA theoretical arrival time, its uses
+//! not yet flushed, its last use and its quota counter, behind one lock. The verify cache's
+//! snapshot of a key holds its state, so the hot path reaches it with no lookup, and a request of
+//! a cached key does its rate limit, quota and use count under that one lock. States live in a
+//! registry by key id, outside the cache: a cache invalidation (any write in the org) must never
+//! reset a key's rate limit or quota.
+//!
+//! Counts and last-used times are flushed to the store on an interval (one second by default), so
+//! the hot path never writes to the database; a crash loses at most one interval of counts, never
+//! a state change. A state with something to flush puts itself on the dirty list once per
+//! interval, so a flush touches only the keys used since the last one. The usage endpoint adds
+//! the counts not yet flushed, so this node's answers are current.
 //!
 //! Quotas are counted exactly. On a store only this node writes (SQLite), in memory: the first
 //! use of a key in a period loads the count the store already has, and from then on every use
-//! takes one unit under a lock, so N concurrent calls against a quota of Q succeed exactly
-//! min(N, Q) times. On a store several nodes share (PostgreSQL), every use of a key with a quota
-//! takes its unit in the store with one conditional increment, so the nodes together admit
-//! exactly Q; that costs one round trip per use, and only for keys that have a quota.
+//! takes one unit under the key's lock, so N concurrent calls against a quota of Q succeed
+//! exactly min(N, Q) times. On a store several nodes share (PostgreSQL), every use of a key with
+//! a quota takes its unit in the store with one conditional increment, so the nodes together
+//! admit exactly Q; that costs one round trip per use, and only for keys that have a quota.
 
 use std::collections::BTreeSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
 
-use keyward_core::model::{AuditEvent, Key, Outcome, Timestamp, TraceContext};
+use keyward_core::clock::from_millis;
+use keyward_core::gcra::{Decision, Gcra};
+use keyward_core::model::{AuditEvent, Key, Outcome, QuotaPeriod, Timestamp, TraceContext};
 use keyward_core::quota::{period_end, period_start};
 use keyward_proto::ErrorCode;
 use keyward_store::{Store, StoreResult, ThresholdAlert, UsageBucket, UsageDelta};
@@ -30,33 +40,125 @@ use crate::error::ApiError;
 /// How a use of a key ended, for its counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Use {
+    /// Passed every traffic control (the request may still fail its endpoint's own checks).
     Allowed,
     Denied,
     RateLimited,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 struct Counts {
     allowed: u64,
     denied: u64,
     rate_limited: u64,
 }
 
-#[derive(Debug, Default)]
-struct Pending {
-    /// (key, hour start in ms) -> (org, counts)
-    counts: HashMap<(Uuid, i64), (Uuid, Counts)>,
-    last_used: HashMap<Uuid, Timestamp>,
-    alerts: Vec<ThresholdAlert>,
+impl Counts {
+    fn add(&mut self, outcome: Use) {
+        match outcome {
+            Use::Allowed => self.allowed += 1,
+            Use::Denied => self.denied += 1,
+            Use::RateLimited => self.rate_limited += 1,
+        }
+    }
+
+    fn merge(&mut self, o: Counts) {
+        self.allowed += o.allowed;
+        self.denied += o.denied;
+        self.rate_limited += o.rate_limited;
+    }
+
+    fn is_empty(&self) -> bool {
+        *self == Counts::default()
+    }
 }
 
+/// A key's quota counter for one period.
 #[derive(Debug)]
 struct QuotaCounter {
-    period_start: Timestamp,
-    /// Cached so the hot path compares instants instead of doing calendar maths.
-    period_end: Timestamp,
+    /// Unix ms; cached so the hot path compares integers instead of doing calendar maths.
+    period_start_ms: i64,
+    period_end_ms: i64,
     used: u64,
     fired: BTreeSet<u8>,
+}
+
+/// What a key's lock guards.
+#[derive(Debug, Default)]
+struct Live {
+    /// GCRA theoretical arrival time, ns (0: a full bucket). A derived key's requests are limited
+    /// by its parent's state, so deriving sub-keys never multiplies what a key may do.
+    tat_ns: i64,
+    /// The UTC hour (Unix ms) that `counts` belong to.
+    hour_ms: i64,
+    counts: Counts,
+    /// Counts of earlier hours not yet flushed (an hour began between two flushes).
+    earlier: Vec<(i64, Counts)>,
+    /// The latest allowed use not yet flushed, Unix ms (0: none).
+    last_used_ms: i64,
+    /// On the dirty list (something to flush).
+    queued: bool,
+    quota: Option<Box<QuotaCounter>>,
+}
+
+impl Live {
+    fn count(&mut self, outcome: Use, now_ms: i64) {
+        // The start of the UTC hour (integer maths: this runs per use).
+        let hour = now_ms - now_ms.rem_euclid(3_600_000);
+        if hour != self.hour_ms {
+            if !self.counts.is_empty() {
+                let old = std::mem::take(&mut self.counts);
+                match self.earlier.iter_mut().find(|(h, _)| *h == self.hour_ms) {
+                    Some((_, c)) => c.merge(old),
+                    None => self.earlier.push((self.hour_ms, old)),
+                }
+            }
+            self.hour_ms = hour;
+        }
+        self.counts.add(outcome);
+        if outcome == Use::Allowed && now_ms > self.last_used_ms {
+            self.last_used_ms = now_ms;
+        }
+    }
+
+    fn has_pending(&self) -> bool {
+        !self.counts.is_empty() || !self.earlier.is_empty() || self.last_used_ms != 0
+    }
+
+    fn quota_current(&self, now_ms: i64) -> bool {
+        self.quota
+            .as_ref()
+            .is_some_and(|c| c.period_start_ms <= now_ms && now_ms < c.period_end_ms)
+    }
+
+    fn gcra(&mut self, gcra: &Gcra, now_ns: i64) -> Decision {
+        let d = gcra.check(self.tat_ns, now_ns);
+        if d.allowed {
+            self.tat_ns = d.tat_ns;
+        }
+        d
+    }
+}
+
+/// One key's live traffic state on this node.
+#[derive(Debug)]
+pub struct KeyState {
+    pub key_id: Uuid,
+    pub org_id: Uuid,
+    live: Mutex<Live>,
+}
+
+impl KeyState {
+    fn lock(&self) -> MutexGuard<'_, Live> {
+        // A poisoned lock only means a panic elsewhere while it was held; the counters are
+        // plain numbers and stay usable.
+        self.live.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Decides one request against this state's local rate limit (recording it when allowed).
+    pub fn gcra(&self, gcra: &Gcra, now_ns: i64) -> Decision {
+        self.lock().gcra(gcra, now_ns)
+    }
 }
 
 /// The answer of a quota check.
@@ -64,18 +166,53 @@ struct QuotaCounter {
 pub struct QuotaUse {
     pub limit: u64,
     pub used: u64,
-    pub resets_at: Timestamp,
+    /// Unix ms when the period ends (a calendar date is only built to render it).
+    pub resets_at_ms: i64,
 }
 
-/// Shards of the pending counts: every use of every key lands here, so one lock would be the
-/// hottest in the server.
-const SHARDS: usize = 16;
+impl QuotaUse {
+    /// When the quota resets.
+    pub fn resets_at(&self) -> Timestamp {
+        from_millis(self.resets_at_ms)
+    }
+}
+
+/// A quota with no unit left this period (becomes `429 QUOTA_EXCEEDED`; kept small because the
+/// hot path passes it around).
+#[derive(Debug, Clone, Copy)]
+struct Exhausted {
+    limit: u64,
+    end_ms: i64,
+    now_ms: i64,
+}
+
+impl From<Exhausted> for ApiError {
+    fn from(e: Exhausted) -> ApiError {
+        exceeded(e.limit, e.end_ms, e.now_ms)
+    }
+}
+
+/// The traffic controls' answer for one request: the rate-limit decision (when the key has a
+/// limit) and the quota's (not reached when the rate limit refused).
+#[derive(Debug)]
+pub struct Admission {
+    pub rate: Option<Decision>,
+    pub quota: Result<Option<QuotaUse>, ApiError>,
+}
+
+/// What a flush took from one state: its counts by hour and its last use (0: none).
+type Taken<'a> = (&'a Arc<KeyState>, Vec<(i64, Counts)>, i64);
+
+/// Shards of the registry: looked up on cache fills, not per request.
+const SHARDS: usize = 64;
 
 /// The in-memory meter of this node.
 #[derive(Debug)]
 pub struct Meter {
-    pending: Vec<Mutex<Pending>>,
-    quotas: Mutex<HashMap<Uuid, QuotaCounter>>,
+    states: Vec<RwLock<HashMap<Uuid, Arc<KeyState>>>>,
+    /// States with something to flush.
+    dirty: Mutex<Vec<Arc<KeyState>>>,
+    alerts: Mutex<Vec<ThresholdAlert>>,
     /// Held for writing by a flush from the moment it takes the pending counts until the store
     /// has them (or they are put back); readers that add pending counts to stored ones hold it
     /// for reading, so counts in flight are never missing from (nor doubled in) their sum.
@@ -85,101 +222,200 @@ pub struct Meter {
 impl Default for Meter {
     fn default() -> Self {
         Meter {
-            pending: (0..SHARDS)
-                .map(|_| Mutex::new(Pending::default()))
-                .collect(),
-            quotas: Mutex::default(),
+            states: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            dirty: Mutex::default(),
+            alerts: Mutex::default(),
             flush_gate: tokio::sync::RwLock::new(()),
         }
     }
 }
 
-/// The start of the UTC hour of `t`, in Unix milliseconds (integer maths: this runs per use).
-fn hour_ms(t: Timestamp) -> i64 {
-    let ms = t.timestamp_millis();
-    ms - ms.rem_euclid(3_600_000)
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Meter {
-    /// Counts one use of `key` at `now`.
-    pub fn record(&self, key: &Key, outcome: Use, now: Timestamp) {
-        let mut p = self.shard(key.id).lock().unwrap_or_else(|e| e.into_inner());
-        let entry = p
-            .counts
-            .entry((key.id, hour_ms(now)))
-            .or_insert((key.org_id, Counts::default()));
-        match outcome {
-            Use::Allowed => entry.1.allowed += 1,
-            Use::Denied => entry.1.denied += 1,
-            Use::RateLimited => entry.1.rate_limited += 1,
+    fn shard(&self, key_id: Uuid) -> &RwLock<HashMap<Uuid, Arc<KeyState>>> {
+        // UUIDv7's last bits are random.
+        &self.states[(key_id.as_u128() as usize) % SHARDS]
+    }
+
+    /// The live state of a key, created on first sight.
+    pub fn state(&self, key_id: Uuid, org_id: Uuid) -> Arc<KeyState> {
+        let shard = self.shard(key_id);
+        if let Some(s) = shard.read().unwrap_or_else(|e| e.into_inner()).get(&key_id) {
+            return s.clone();
         }
-        if outcome == Use::Allowed {
-            let last = p.last_used.entry(key.id).or_insert(now);
-            if *last < now {
-                *last = now;
-            }
+        shard
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key_id)
+            .or_insert_with(|| {
+                Arc::new(KeyState {
+                    key_id,
+                    org_id,
+                    live: Mutex::default(),
+                })
+            })
+            .clone()
+    }
+
+    fn find(&self, key_id: Uuid) -> Option<Arc<KeyState>> {
+        self.shard(key_id)
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key_id)
+            .cloned()
+    }
+
+    /// Keys with a live state on this node (the `keyward_key_states` gauge).
+    pub fn states(&self) -> usize {
+        self.states
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
+    /// Puts a state that now has something to flush on the dirty list (once per interval).
+    fn queue(&self, state: &Arc<KeyState>, live: &mut Live) {
+        if !live.queued {
+            live.queued = true;
+            lock(&self.dirty).push(state.clone());
         }
     }
 
-    /// Takes one unit of the key's quota, or refuses with `429 QUOTA_EXCEEDED`. Keys without a
-    /// quota answer `Ok(None)`.
+    /// Counts one use of a key at `now_ms`.
+    pub fn record(&self, state: &Arc<KeyState>, outcome: Use, now_ms: i64) {
+        let mut live = state.lock();
+        live.count(outcome, now_ms);
+        self.queue(state, &mut live);
+    }
+
+    /// The traffic controls of one request of a cached key, decided in memory: the local rate
+    /// limit (on `bucket`, the parent's state for a derived key), the quota when its counter for
+    /// this period is loaded, and the use count, all under the key's one lock. A use that passes
+    /// is counted as `admitted_as` (a verification that fails its required scopes after passing
+    /// the traffic controls counts as denied). `None`, with nothing taken or counted, when this
+    /// cannot be decided here: the key has a quota and the store is shared or its counter must be
+    /// loaded first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn try_admit(
+        &self,
+        state: &Arc<KeyState>,
+        bucket: Option<&KeyState>,
+        key: &Key,
+        rate: Option<&Gcra>,
+        shared_store: bool,
+        admitted_as: Use,
+        now_ms: i64,
+    ) -> Option<Admission> {
+        let mut live = state.lock();
+        if key.quota.is_some() && (shared_store || !live.quota_current(now_ms)) {
+            return None;
+        }
+        let now_ns = now_ms.saturating_mul(1_000_000);
+        // Lock order: a key's own state, then its bucket (a parent never takes a child's).
+        let decision = rate.map(|g| match bucket {
+            Some(b) => b.gcra(g, now_ns),
+            None => live.gcra(g, now_ns),
+        });
+        if decision.is_some_and(|d| !d.allowed) {
+            live.count(Use::RateLimited, now_ms);
+            self.queue(state, &mut live);
+            return Some(Admission {
+                rate: decision,
+                quota: Ok(None),
+            });
+        }
+        let mut alerts = Vec::new();
+        let quota = match (key.quota, live.quota.as_deref_mut()) {
+            (Some(q), Some(c)) => take(c, key, q.limit, now_ms, &mut alerts).map(Some),
+            _ => Ok(None),
+        };
+        live.count(
+            if quota.is_ok() {
+                admitted_as
+            } else {
+                Use::RateLimited
+            },
+            now_ms,
+        );
+        self.queue(state, &mut live);
+        drop(live);
+        self.push_alerts(alerts);
+        Some(Admission {
+            rate: decision,
+            quota: quota.map_err(ApiError::from),
+        })
+    }
+
+    /// Takes one unit of the key's quota, or refuses with `429 QUOTA_EXCEEDED`, reading the
+    /// store when it must (a shared store, or the first use of the period on this node). Keys
+    /// without a quota answer `Ok(None)`. Counts nothing: the caller records the use.
     pub async fn take_quota(
         &self,
         store: &dyn Store,
+        state: &KeyState,
         key: &Key,
-        now: Timestamp,
+        now_ms: i64,
     ) -> Result<Option<QuotaUse>, ApiError> {
         let Some(q) = key.quota else { return Ok(None) };
         if store.is_shared() {
-            return self.take_shared(store, key, q.limit, q.period, now).await;
+            return self
+                .take_shared(store, key, q.limit, q.period, now_ms)
+                .await;
         }
-        let current = |c: &QuotaCounter| c.period_start <= now && now < c.period_end;
-        // The common case: the counter of this period is here; one lock takes the unit.
         let mut alerts = Vec::new();
+        // The common case: the counter of this period is here; the key's lock takes the unit.
         let taken = {
-            let mut g = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
-            match g.get_mut(&key.id) {
-                Some(c) if current(c) => Some(take(c, key, q.limit, now, &mut alerts)),
+            let mut live = state.lock();
+            let current = live.quota_current(now_ms);
+            match live.quota.as_deref_mut() {
+                Some(c) if current => Some(take(c, key, q.limit, now_ms, &mut alerts)),
                 _ => None,
             }
         };
         if let Some(result) = taken {
             self.push_alerts(alerts);
-            return result.map(Some);
+            return result.map(Some).map_err(ApiError::from);
         }
         // First use of the period on this node: start from what the store has. Read outside the
         // lock; if another request loaded the counter meanwhile, its counter wins.
+        let now = from_millis(now_ms);
         let start = period_start(q.period, now);
         let end = period_end(q.period, now);
         let (stored, pending) = {
             let _gate = self.flush_gate.read().await;
             (
                 store.allowed_between(key.id, start, end).await?,
-                self.pending_allowed(key.id, start, end),
+                pending_allowed(&state.lock(), start, end),
             )
         };
         let result = {
-            let mut g = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
-            let c = g.entry(key.id).or_insert_with(|| QuotaCounter {
-                period_start: start,
-                period_end: end,
-                used: 0,
-                fired: BTreeSet::new(),
+            let mut live = state.lock();
+            let (s, e) = (start.timestamp_millis(), end.timestamp_millis());
+            let c = live.quota.get_or_insert_with(|| {
+                Box::new(QuotaCounter {
+                    period_start_ms: s,
+                    period_end_ms: e,
+                    used: 0,
+                    fired: BTreeSet::new(),
+                })
             });
-            if c.period_start != start {
-                *c = QuotaCounter {
-                    period_start: start,
-                    period_end: end,
+            if c.period_start_ms != s {
+                **c = QuotaCounter {
+                    period_start_ms: s,
+                    period_end_ms: e,
                     used: stored + pending,
                     fired: BTreeSet::new(),
                 };
             } else if c.used == 0 {
                 c.used = stored + pending;
             }
-            take(c, key, q.limit, now, &mut alerts)
+            take(c, key, q.limit, now_ms, &mut alerts)
         };
         self.push_alerts(alerts);
-        result.map(Some)
+        result.map(Some).map_err(ApiError::from)
     }
 
     /// Takes the unit in a store shared by several nodes; the node whose take crosses a
@@ -189,13 +425,14 @@ impl Meter {
         store: &dyn Store,
         key: &Key,
         limit: u64,
-        period: keyward_core::model::QuotaPeriod,
-        now: Timestamp,
+        period: QuotaPeriod,
+        now_ms: i64,
     ) -> Result<Option<QuotaUse>, ApiError> {
+        let now = from_millis(now_ms);
         let start = period_start(period, now);
         let end = period_end(period, now);
         let Some(used) = store.take_quota_unit(key.id, start, end, limit).await? else {
-            return Err(exceeded(limit, end, now));
+            return Err(exceeded(limit, end.timestamp_millis(), now_ms));
         };
         let alerts: Vec<ThresholdAlert> = key
             .alert_thresholds
@@ -204,29 +441,20 @@ impl Meter {
                 let reached = |n: u64| n as u128 * 100 >= **t as u128 * limit as u128;
                 reached(used) && !reached(used - 1)
             })
-            .map(|t| alert(key, start, *t, used, limit, now))
+            .map(|t| alert(key, start.timestamp_millis(), *t, used, limit, now_ms))
             .collect();
         self.push_alerts(alerts);
         Ok(Some(QuotaUse {
             limit,
             used,
-            resets_at: end,
+            resets_at_ms: end.timestamp_millis(),
         }))
     }
 
     fn push_alerts(&self, alerts: Vec<ThresholdAlert>) {
-        if let Some(a) = alerts.first() {
-            let mut p = self
-                .shard(a.key_id)
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            p.alerts.extend(alerts);
+        if !alerts.is_empty() {
+            lock(&self.alerts).extend(alerts);
         }
-    }
-
-    fn shard(&self, key_id: Uuid) -> &Mutex<Pending> {
-        // UUIDv7's last bits are random.
-        &self.pending[(key_id.as_u128() as usize) % SHARDS]
     }
 
     /// The quota state of a key without taking from it (for the usage endpoint).
@@ -248,38 +476,32 @@ impl Meter {
             return Ok(Some(QuotaUse {
                 limit: q.limit,
                 used: used.min(q.limit),
-                resets_at: end,
+                resets_at_ms: end.timestamp_millis(),
             }));
         }
-        let in_memory = {
-            let g = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
-            g.get(&key.id)
-                .filter(|c| c.period_start == start)
+        let state = self.find(key.id);
+        let in_memory = state.as_ref().and_then(|s| {
+            s.lock()
+                .quota
+                .as_ref()
+                .filter(|c| c.period_start_ms == start.timestamp_millis())
                 .map(|c| c.used)
-        };
+        });
         let used = match in_memory {
             Some(u) => u,
             None => {
                 let _gate = self.flush_gate.read().await;
                 store.allowed_between(key.id, start, end).await?
-                    + self.pending_allowed(key.id, start, end)
+                    + state
+                        .map(|s| pending_allowed(&s.lock(), start, end))
+                        .unwrap_or(0)
             }
         };
         Ok(Some(QuotaUse {
             limit: q.limit,
             used: used.min(q.limit),
-            resets_at: end,
+            resets_at_ms: end.timestamp_millis(),
         }))
-    }
-
-    fn pending_allowed(&self, key_id: Uuid, start: Timestamp, end: Timestamp) -> u64 {
-        let p = self.shard(key_id).lock().unwrap_or_else(|e| e.into_inner());
-        let (s, e) = (start.timestamp_millis(), end.timestamp_millis());
-        p.counts
-            .iter()
-            .filter(|((k, h), _)| *k == key_id && *h >= s && *h < e)
-            .map(|(_, (_, c))| c.allowed)
-            .sum()
     }
 
     /// Holds flushes off while a reader adds stored and pending counts (see `flush_gate`).
@@ -289,13 +511,16 @@ impl Meter {
 
     /// The counts of a key not yet flushed, by hour.
     pub fn pending_hours(&self, key_id: Uuid) -> Vec<UsageBucket> {
-        let p = self.shard(key_id).lock().unwrap_or_else(|e| e.into_inner());
-        p.counts
-            .iter()
-            .filter(|((k, _), _)| *k == key_id)
-            .filter_map(|((_, h), (_, c))| {
+        let Some(state) = self.find(key_id) else {
+            return Vec::new();
+        };
+        let live = state.lock();
+        std::iter::once((live.hour_ms, live.counts))
+            .chain(live.earlier.iter().copied())
+            .filter(|(_, c)| !c.is_empty())
+            .filter_map(|(h, c)| {
                 Some(UsageBucket {
-                    start: chrono::DateTime::from_timestamp_millis(*h)?,
+                    start: chrono::DateTime::from_timestamp_millis(h)?,
                     allowed: c.allowed,
                     denied: c.denied,
                     rate_limited: c.rate_limited,
@@ -308,63 +533,106 @@ impl Meter {
     /// with the next flush, so a store outage delays counts rather than losing them.
     pub async fn flush(&self, store: &dyn Store) -> StoreResult<()> {
         let _gate = self.flush_gate.write().await;
-        let mut taken = Pending::default();
-        for shard in &self.pending {
-            let part = std::mem::take(&mut *shard.lock().unwrap_or_else(|e| e.into_inner()));
-            taken.counts.extend(part.counts);
-            taken.last_used.extend(part.last_used);
-            taken.alerts.extend(part.alerts);
-        }
-        if taken.counts.is_empty() && taken.last_used.is_empty() && taken.alerts.is_empty() {
+        let queued = std::mem::take(&mut *lock(&self.dirty));
+        let alerts = std::mem::take(&mut *lock(&self.alerts));
+        if queued.is_empty() && alerts.is_empty() {
             return Ok(());
         }
         let started = Instant::now();
+        // What each state gave up, to put back if the store refuses it.
+        let mut taken: Vec<Taken> = Vec::with_capacity(queued.len());
+        for state in &queued {
+            let mut live = state.lock();
+            live.queued = false;
+            let current = (live.hour_ms, std::mem::take(&mut live.counts));
+            let hours: Vec<(i64, Counts)> = live
+                .earlier
+                .drain(..)
+                .chain(std::iter::once(current))
+                .filter(|(_, c)| !c.is_empty())
+                .collect();
+            let last = std::mem::take(&mut live.last_used_ms);
+            taken.push((state, hours, last));
+        }
         let deltas: Vec<UsageDelta> = taken
-            .counts
             .iter()
-            .filter_map(|((key_id, h), (org_id, c))| {
-                Some(UsageDelta {
-                    key_id: *key_id,
-                    org_id: *org_id,
-                    hour: chrono::DateTime::from_timestamp_millis(*h)?,
+            .flat_map(|(state, hours, _)| {
+                hours.iter().map(|(hour_ms, c)| UsageDelta {
+                    key_id: state.key_id,
+                    org_id: state.org_id,
+                    hour: from_millis(*hour_ms),
                     allowed: c.allowed,
                     denied: c.denied,
                     rate_limited: c.rate_limited,
                 })
             })
             .collect();
-        let last_used: Vec<(Uuid, Timestamp)> =
-            taken.last_used.iter().map(|(k, t)| (*k, *t)).collect();
-        match store.record_usage(&deltas, &last_used, &taken.alerts).await {
+        let last_used: Vec<(Uuid, Timestamp)> = taken
+            .iter()
+            .filter(|(_, _, last)| *last != 0)
+            .map(|(state, _, last)| (state.key_id, from_millis(*last)))
+            .collect();
+        match store.record_usage(&deltas, &last_used, &alerts).await {
             Ok(()) => {
                 metrics::histogram!("keyward_usage_flush_duration_seconds")
                     .record(started.elapsed().as_secs_f64());
                 Ok(())
             }
             Err(e) => {
-                // Put everything back, each count in its key's shard, to go with the next flush.
-                for ((key_id, h), (org, c)) in taken.counts {
-                    let mut p = self.shard(key_id).lock().unwrap_or_else(|e| e.into_inner());
-                    let entry = p
-                        .counts
-                        .entry((key_id, h))
-                        .or_insert((org, Counts::default()));
-                    entry.1.allowed += c.allowed;
-                    entry.1.denied += c.denied;
-                    entry.1.rate_limited += c.rate_limited;
-                }
-                for (key_id, t) in taken.last_used {
-                    let mut p = self.shard(key_id).lock().unwrap_or_else(|e| e.into_inner());
-                    let last = p.last_used.entry(key_id).or_insert(t);
-                    if *last < t {
-                        *last = t;
+                // Put everything back, each count in its key's state, to go with the next flush.
+                for (state, hours, last) in taken {
+                    let mut live = state.lock();
+                    for (hour_ms, c) in hours {
+                        if hour_ms == live.hour_ms {
+                            live.counts.merge(c);
+                        } else {
+                            match live.earlier.iter_mut().find(|(h, _)| *h == hour_ms) {
+                                Some((_, x)) => x.merge(c),
+                                None => live.earlier.push((hour_ms, c)),
+                            }
+                        }
+                    }
+                    live.last_used_ms = live.last_used_ms.max(last);
+                    if live.has_pending() {
+                        self.queue(state, &mut live);
                     }
                 }
-                self.push_alerts(taken.alerts);
+                lock(&self.alerts).extend(alerts);
                 Err(e)
             }
         }
     }
+
+    /// Forgets the states nothing else holds (no cached snapshot, no request in flight) that
+    /// have nothing to flush and a full rate-limit bucket: a fresh state is the same. A quota
+    /// counter forgotten this way is reloaded from the store, which has every flushed use.
+    pub fn prune(&self, now_ms: i64) {
+        let now_ns = now_ms.saturating_mul(1_000_000);
+        for shard in &self.states {
+            shard
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|_, s| {
+                    // Under the shard's write lock a count of one means no one else can reach
+                    // this state, so it cannot change while it is judged.
+                    if Arc::strong_count(s) > 1 {
+                        return true;
+                    }
+                    let live = s.lock();
+                    live.queued || live.has_pending() || live.tat_ns > now_ns
+                });
+        }
+    }
+}
+
+/// Uses counted in a state and not yet flushed, within [start, end).
+fn pending_allowed(live: &Live, start: Timestamp, end: Timestamp) -> u64 {
+    let (s, e) = (start.timestamp_millis(), end.timestamp_millis());
+    std::iter::once((live.hour_ms, live.counts))
+        .chain(live.earlier.iter().copied())
+        .filter(|(h, _)| *h >= s && *h < e)
+        .map(|(_, c)| c.allowed)
+        .sum()
 }
 
 /// Takes one unit from a current counter, or refuses; collects thresholds crossed.
@@ -372,33 +640,37 @@ fn take(
     c: &mut QuotaCounter,
     key: &Key,
     limit: u64,
-    now: Timestamp,
+    now_ms: i64,
     alerts: &mut Vec<ThresholdAlert>,
-) -> Result<QuotaUse, ApiError> {
-    let end = c.period_end;
+) -> Result<QuotaUse, Exhausted> {
+    let end = c.period_end_ms;
     if c.used >= limit {
-        return Err(exceeded(limit, end, now));
+        return Err(Exhausted {
+            limit,
+            end_ms: end,
+            now_ms,
+        });
     }
     c.used += 1;
     for t in &key.alert_thresholds {
         let crossed = c.used as u128 * 100 >= *t as u128 * limit as u128;
         if crossed && c.fired.insert(*t) {
-            alerts.push(alert(key, c.period_start, *t, c.used, limit, now));
+            alerts.push(alert(key, c.period_start_ms, *t, c.used, limit, now_ms));
         }
     }
     Ok(QuotaUse {
         limit,
         used: c.used,
-        resets_at: end,
+        resets_at_ms: end,
     })
 }
 
 /// `429 QUOTA_EXCEEDED`, retryable when the period ends.
-fn exceeded(limit: u64, end: Timestamp, now: Timestamp) -> ApiError {
-    let secs = (end - now).num_seconds().max(1) as u64;
+fn exceeded(limit: u64, end_ms: i64, now_ms: i64) -> ApiError {
+    let secs = ((end_ms - now_ms) / 1000).max(1) as u64;
     let mut e = ApiError::new(ErrorCode::QuotaExceeded).details(json!({
         "limit": limit,
-        "resets_at": keyward_proto::ts::format(&end),
+        "resets_at": keyward_proto::ts::format(&from_millis(end_ms)),
     }));
     e.retry_after = Some(secs);
     e
@@ -406,12 +678,13 @@ fn exceeded(limit: u64, end: Timestamp, now: Timestamp) -> ApiError {
 
 fn alert(
     key: &Key,
-    period_start: Timestamp,
+    period_start_ms: i64,
     threshold: u8,
     used: u64,
     limit: u64,
-    now: Timestamp,
+    now_ms: i64,
 ) -> ThresholdAlert {
+    let period_start = from_millis(period_start_ms);
     ThresholdAlert {
         key_id: key.id,
         period_start,
@@ -419,7 +692,7 @@ fn alert(
         event: AuditEvent {
             id: Uuid::now_v7(),
             org_id: key.org_id,
-            occurred_at: now,
+            occurred_at: from_millis(now_ms),
             action: "key.usage_threshold".to_string(),
             outcome: Outcome::Success,
             error_code: None,

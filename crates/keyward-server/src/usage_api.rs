@@ -132,7 +132,7 @@ pub async fn usage(
             limit: q.limit,
             used: q.used,
             remaining: q.limit.saturating_sub(q.used),
-            resets_at: q.resets_at,
+            resets_at: q.resets_at(),
         }),
     }))
 }
