@@ -164,7 +164,7 @@ fn bench(c: &mut Criterion) {
                 .unwrap();
             // The handler serializes into a buffer of this size.
             let mut out = Vec::with_capacity(512);
-            serde_json::to_writer(&mut out, &r).unwrap();
+            r.write_json(&mut out);
             black_box(out)
         })
     });

@@ -178,8 +178,8 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) ->
 const MAX_TRACE_VALUE: usize = 256;
 const MAX_TRACE_META: usize = 32;
 
-fn trace_value(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
-    match headers.get(name) {
+fn trace_value(name: &str, v: Option<&HeaderValue>) -> Result<Option<String>, ApiError> {
+    match v {
         None => Ok(None),
         Some(v) => {
             let s = v
@@ -196,29 +196,42 @@ fn trace_value(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiErr
     }
 }
 
-/// Reads the trace context headers of API.md §7.
+/// Reads the trace context headers of API.md §7 in one pass over the headers (looking each
+/// name up instead hashed five names per request). A repeated header counts by its first value;
+/// metadata headers are judged first, then run, thread, parent agent and `traceparent`.
 pub fn trace_context(headers: &HeaderMap) -> Result<TraceContext, ApiError> {
+    let (mut run, mut thread, mut parent, mut traceparent) = (None, None, None, None);
     let mut meta = std::collections::BTreeMap::new();
-    for (name, _) in headers.iter() {
-        if let Some(key) = name.as_str().strip_prefix("keyward-meta-") {
-            if key.is_empty() {
+    for (name, v) in headers.iter() {
+        let n = name.as_str();
+        let slot = match n {
+            "keyward-run-id" => &mut run,
+            "keyward-thread-id" => &mut thread,
+            "keyward-parent-agent" => &mut parent,
+            "traceparent" => &mut traceparent,
+            _ => {
+                if let Some(key) = n.strip_prefix("keyward-meta-") {
+                    if !key.is_empty() && !meta.contains_key(key) {
+                        let v = trace_value(n, Some(v))?.unwrap_or_default();
+                        meta.insert(key.to_string(), v);
+                        if meta.len() > MAX_TRACE_META {
+                            return Err(ApiError::validation(
+                                "Keyward-Meta-*",
+                                format!("at most {MAX_TRACE_META} metadata headers are allowed"),
+                            ));
+                        }
+                    }
+                }
                 continue;
             }
-            let v = trace_value(headers, name.as_str())?.unwrap_or_default();
-            meta.insert(key.to_string(), v);
-            if meta.len() > MAX_TRACE_META {
-                return Err(ApiError::validation(
-                    "Keyward-Meta-*",
-                    format!("at most {MAX_TRACE_META} metadata headers are allowed"),
-                ));
-            }
-        }
+        };
+        slot.get_or_insert(v);
     }
     Ok(TraceContext {
-        run_id: trace_value(headers, "keyward-run-id")?,
-        thread_id: trace_value(headers, "keyward-thread-id")?,
-        parent_agent: trace_value(headers, "keyward-parent-agent")?,
-        traceparent: trace_value(headers, "traceparent")?,
+        run_id: trace_value("keyward-run-id", run)?,
+        thread_id: trace_value("keyward-thread-id", thread)?,
+        parent_agent: trace_value("keyward-parent-agent", parent)?,
+        traceparent: trace_value("traceparent", traceparent)?,
         meta,
     })
 }
@@ -419,6 +432,15 @@ pub async fn middleware(
     req: Request,
     next: Next,
 ) -> Response {
+    guard(&state, peer, req, |req| next.run(req)).await
+}
+
+/// What [`middleware`] does around `next`, for the router's routes and the front door's alike.
+pub async fn guard<F, Fut>(state: &AppState, peer: SocketAddr, req: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let ip = client_ip(peer.ip(), req.headers(), &state.config.trusted_proxies);
     // Cheap copies (no allocation for standard methods; the URI is reference-counted): they
     // only become strings if the request is denied and audited.
@@ -426,8 +448,8 @@ pub async fn middleware(
     let uri = req.uri().clone();
     let trace = trace_context(req.headers());
     let mut meta = Meta::default();
-    let mut resp = match authenticate(&state, ip, req, &trace, &mut meta).await {
-        Ok(req) => next.run(req).await,
+    let mut resp = match authenticate(state, ip, req, &trace, &mut meta).await {
+        Ok(req) => next(req).await,
         Err(e) => e.into_response(),
     };
     if meta.deprecated {
@@ -471,7 +493,7 @@ pub async fn middleware(
                 }
             }
             if auth_failure && !meta.throttled {
-                if let Some(g) = failed_auth_gcra(&state) {
+                if let Some(g) = failed_auth_gcra(state) {
                     let now_ns = now.timestamp_nanos_opt().unwrap_or(i64::MAX);
                     state.auth_throttle.check(ip, &g, now_ns);
                 }

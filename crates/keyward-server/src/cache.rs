@@ -69,15 +69,47 @@ impl Default for CacheSettings {
 pub struct Prepared {
     pub key: Key,
     pub agent_status: Option<AgentStatus>,
-    pub agent_name: Option<String>,
+    /// Boxed slices rather than `String` and `Vec` here: with them the snapshot and its `Arc`
+    /// just fit mimalloc's 512-byte size class instead of taking 640 (128 MiB at a million keys).
+    pub agent_name: Option<Box<str>>,
     /// Org rules, then the agent's.
-    pub rules: Vec<Rule>,
+    pub rules: Box<[Rule]>,
     /// The key's effective rate limit (its own, its tier's, or the org default), if any.
     pub rate: Option<Gcra>,
     /// The key's live traffic state (use counts, quota, its own rate-limit bucket).
     pub live: Arc<KeyState>,
     /// For a derived key, its parent's state: the bucket its requests are limited by.
     pub bucket: Option<Arc<KeyState>>,
+    /// When this snapshot was taken, for the cache (kept here rather than beside it in the map:
+    /// the map then holds one pointer per key).
+    pub stamp: Stamp,
+}
+
+/// The cache generation a snapshot was filled in, and when it expires. Packed to 4-byte
+/// alignment so its twelve bytes share the snapshot's padding.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, packed(4))]
+pub struct Stamp {
+    /// The low 32 bits of the generation: wrapping needs four billion invalidations within one
+    /// TTL, far beyond any write rate.
+    generation: u32,
+    /// Unix milliseconds, on the server's clock (the caller's `now`: reading the clock again here
+    /// would cost as much as the rest of a hit).
+    expires_ms: i64,
+}
+
+impl Stamp {
+    fn new(generation: u64, now_ms: i64, ttl_ms: i64) -> Stamp {
+        Stamp {
+            generation: generation as u32,
+            expires_ms: now_ms.saturating_add(ttl_ms),
+        }
+    }
+
+    fn current(&self, generation: u64, now_ms: i64) -> bool {
+        let (g, e) = (self.generation, self.expires_ms);
+        g == generation as u32 && e > now_ms
+    }
 }
 
 /// Resolves a key's rate limit: its own setting, else the org's default; tiers by name.
@@ -95,7 +127,7 @@ pub fn resolve_rate(key: &Key, policy: &OrgPolicy) -> Option<Gcra> {
 
 impl Prepared {
     /// Prepares a key read from the store, with its live state from `meter`.
-    pub fn from_store(found: KeyWithAgent, meter: &Meter) -> Prepared {
+    pub fn from_store(found: KeyWithAgent, meter: &Meter, stamp: Stamp) -> Prepared {
         let mut rules = found.org_policy.rules.clone();
         if let Some(p) = &found.agent_policy {
             // Agent policies are validated on write; a rule that no longer parses is skipped
@@ -115,8 +147,9 @@ impl Prepared {
             bucket,
             key: found.key,
             agent_status: found.agent_status,
-            agent_name: found.agent_name,
-            rules,
+            agent_name: found.agent_name.map(String::into_boxed_str),
+            rules: rules.into_boxed_slice(),
+            stamp,
         }
     }
 }
@@ -127,10 +160,11 @@ fn prepare(
     found: Option<KeyWithAgent>,
     digest: &TokenDigest,
     meter: &Meter,
+    stamp: Stamp,
 ) -> Option<Arc<Prepared>> {
     found
         .filter(|k| k.key.digest == *digest)
-        .map(|k| Arc::new(Prepared::from_store(k, meter)))
+        .map(|k| Arc::new(Prepared::from_store(k, meter, stamp)))
 }
 
 /// Hashes a digest by its first eight bytes: a SHA-256 output is uniformly distributed already.
@@ -152,38 +186,89 @@ impl Hasher for DigestHasher {
     fn write_usize(&mut self, _: usize) {}
 }
 
-type DigestMap<V> = std::collections::HashMap<TokenDigest, V, BuildHasherDefault<DigestHasher>>;
-
 const SHARDS: usize = 64;
 
-#[derive(Clone)]
-struct Entry<V> {
-    value: V,
-    generation: u64,
-    /// Unix milliseconds, on the server's clock (the caller's `now`: reading the clock again here
-    /// would cost as much as the rest of a hit on this machine).
-    expires_ms: i64,
+/// What a cache slot holds: found by its digest, current while its stamp is.
+trait Cached: Clone {
+    fn digest(&self) -> &TokenDigest;
+    fn stamp(&self) -> Stamp;
 }
 
-/// One sharded, bounded map with TTL and generation stamps.
+impl Cached for Arc<Prepared> {
+    fn digest(&self) -> &TokenDigest {
+        &self.key.digest
+    }
+    fn stamp(&self) -> Stamp {
+        self.stamp
+    }
+}
+
+/// A digest known not to name a key.
+#[derive(Clone)]
+struct Unknown {
+    digest: TokenDigest,
+    stamp: Stamp,
+}
+
+impl Cached for Unknown {
+    fn digest(&self) -> &TokenDigest {
+        &self.digest
+    }
+    fn stamp(&self) -> Stamp {
+        self.stamp
+    }
+}
+
+/// A slot of a shard's set: hashed and compared by its digest (in constant time, as digests
+/// always are), so the set is a map from digest to the value without storing the digest twice.
+#[derive(Clone)]
+struct Slot<V>(V);
+
+impl<V: Cached> std::hash::Hash for Slot<V> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.digest().hash(state)
+    }
+}
+
+impl<V: Cached> PartialEq for Slot<V> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.digest() == other.0.digest()
+    }
+}
+
+impl<V: Cached> Eq for Slot<V> {}
+
+impl<V: Cached> std::borrow::Borrow<TokenDigest> for Slot<V> {
+    fn borrow(&self) -> &TokenDigest {
+        self.0.digest()
+    }
+}
+
+type DigestSet<V> = std::collections::HashSet<Slot<V>, BuildHasherDefault<DigestHasher>>;
+
+/// One sharded, bounded map from digest to value, with TTL and generation stamps.
 struct Map<V> {
-    shards: Vec<RwLock<DigestMap<Entry<V>>>>,
+    shards: Vec<RwLock<DigestSet<V>>>,
     per_shard: usize,
     ttl_ms: i64,
 }
 
-impl<V: Clone> Map<V> {
+impl<V: Cached> Map<V> {
     fn new(capacity: u64, ttl: Duration) -> Map<V> {
         Map {
             shards: (0..SHARDS)
-                .map(|_| RwLock::new(DigestMap::default()))
+                .map(|_| RwLock::new(DigestSet::default()))
                 .collect(),
             per_shard: ((capacity as usize) / SHARDS).max(1),
             ttl_ms: ttl.as_millis().min(i64::MAX as u128) as i64,
         }
     }
 
-    fn shard(&self, d: &TokenDigest) -> &RwLock<DigestMap<Entry<V>>> {
+    fn stamp(&self, generation: u64, now_ms: i64) -> Stamp {
+        Stamp::new(generation, now_ms, self.ttl_ms)
+    }
+
+    fn shard(&self, d: &TokenDigest) -> &RwLock<DigestSet<V>> {
         // Bytes 8.. pick the shard; bytes ..8 hash within it, so the two are independent.
         &self.shards[d.0[8] as usize % SHARDS]
     }
@@ -191,22 +276,23 @@ impl<V: Clone> Map<V> {
     fn get(&self, d: &TokenDigest, generation: u64, now: i64) -> Option<V> {
         let g = self.shard(d).read().unwrap_or_else(|e| e.into_inner());
         g.get(d)
-            .filter(|e| e.generation == generation && e.expires_ms > now)
-            .map(|e| e.value.clone())
+            .filter(|s| s.0.stamp().current(generation, now))
+            .map(|s| s.0.clone())
     }
 
-    fn insert(&self, d: TokenDigest, value: V, generation: u64, now: i64) {
+    fn insert(&self, value: V, generation: u64, now: i64) {
+        let d = *value.digest();
         let mut g = self.shard(&d).write().unwrap_or_else(|e| e.into_inner());
-        if g.len() >= self.per_shard && !g.contains_key(&d) {
+        if g.len() >= self.per_shard && !g.contains(&d) {
             // Full: drop what is stale first, then an arbitrary eighth (digests are random, so
             // iteration order is too: this is random eviction).
             let before = g.len();
-            g.retain(|_, e| e.generation == generation && e.expires_ms > now);
+            g.retain(|s| s.0.stamp().current(generation, now));
             if g.len() >= self.per_shard {
                 let drop: Vec<TokenDigest> = g
-                    .keys()
+                    .iter()
                     .take((self.per_shard / 8).max(1))
-                    .copied()
+                    .map(|s| *s.0.digest())
                     .collect();
                 for k in drop {
                     g.remove(&k);
@@ -215,14 +301,7 @@ impl<V: Clone> Map<V> {
             metrics::counter!("keyward_verify_cache_evictions_total")
                 .increment((before - g.len()) as u64);
         }
-        g.insert(
-            d,
-            Entry {
-                value,
-                generation,
-                expires_ms: now.saturating_add(self.ttl_ms),
-            },
-        );
+        g.replace(Slot(value));
     }
 
     fn remove(&self, d: &TokenDigest) {
@@ -249,7 +328,7 @@ type Inflight = tokio::sync::OnceCell<Loaded>;
 /// The cache itself.
 pub struct VerifyCache {
     found: Map<Arc<Prepared>>,
-    missing: Map<()>,
+    missing: Map<Unknown>,
     /// Whole agent records by id, for `GET /v1/me` (shared by all of an agent's keys).
     agents: RwLock<rustc_hash::FxHashMap<uuid::Uuid, (u64, Arc<keyward_core::model::Agent>)>>,
     agent_capacity: usize,
@@ -352,13 +431,25 @@ impl VerifyCache {
         let loaded = cell
             .get_or_init(|| async {
                 let r = match store.find_key_by_digest(&digest).await {
-                    Ok(found) => Ok(prepare(found, &digest, meter)),
+                    Ok(found) => Ok(prepare(
+                        found,
+                        &digest,
+                        meter,
+                        self.found.stamp(generation, now_ms),
+                    )),
                     Err(e) => Err((e.to_string(), matches!(e, StoreError::Unavailable(_)))),
                 };
                 if let Ok(v) = &r {
                     match v {
-                        Some(p) => self.found.insert(digest, p.clone(), generation, now_ms),
-                        None => self.missing.insert(digest, (), generation, now_ms),
+                        Some(p) => self.found.insert(p.clone(), generation, now_ms),
+                        None => self.missing.insert(
+                            Unknown {
+                                digest,
+                                stamp: self.missing.stamp(generation, now_ms),
+                            },
+                            generation,
+                            now_ms,
+                        ),
                     }
                 }
                 r
@@ -382,7 +473,13 @@ impl VerifyCache {
             // A write landed while this read was in flight: what we hold could predate it.
             self.found.remove(&digest);
             self.missing.remove(&digest);
-            prepare(store.find_key_by_digest(&digest).await?, &digest, meter)
+            // Answered but not cached, so its stamp is never read.
+            prepare(
+                store.find_key_by_digest(&digest).await?,
+                &digest,
+                meter,
+                Stamp::default(),
+            )
         } else {
             answer
         };
@@ -427,5 +524,17 @@ impl VerifyCache {
     /// Snapshots currently held (the `keyward_verify_cache_entries` gauge).
     pub fn entries(&self) -> u64 {
         self.found.len() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A million keys are held as a million snapshots and states: their sizes, with the 16 bytes
+    /// of an `Arc`'s counts, are kept within mimalloc's 512- and 128-byte size classes (the next
+    /// classes up are 640 and 160 bytes).
+    #[test]
+    fn a_snapshot_and_a_key_state_fit_their_allocation_size_classes() {
+        assert!(std::mem::size_of::<super::Prepared>() + 16 <= 512);
+        assert!(std::mem::size_of::<crate::usage::KeyState>() + 16 <= 128);
     }
 }

@@ -3,7 +3,6 @@
 //! and a shutdown signal.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
@@ -24,6 +23,7 @@ pub mod crypto;
 pub mod decisions;
 pub mod error;
 pub mod extract;
+pub mod front;
 pub mod idempotency;
 pub mod keys;
 pub mod limiter;
@@ -229,14 +229,45 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(CatchPanicLayer::custom(
-            |_: Box<dyn std::any::Any + Send>| {
-                use axum::response::IntoResponse;
-                tracing::error!("handler panicked");
-                error::ApiError::new(keyward_proto::ErrorCode::Internal).into_response()
-            },
+            |_: Box<dyn std::any::Any + Send>| panic_response(),
         ))
         .layer(middleware::from_fn(request_id::middleware))
         .with_state(state)
+}
+
+/// The answer to a request whose handler panicked: `500 INTERNAL`, nothing more.
+pub(crate) fn panic_response() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    tracing::error!("handler panicked");
+    error::ApiError::new(keyward_proto::ErrorCode::Internal).into_response()
+}
+
+/// Makes each accepted connection's [`front::Front`] (which knows the peer's address).
+#[derive(Clone)]
+struct MakeFront {
+    state: AppState,
+    router: Router,
+}
+
+impl<'a> tower::Service<axum::serve::IncomingStream<'a, TcpListener>> for MakeFront {
+    type Response = front::Front;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<front::Front, std::convert::Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, conn: axum::serve::IncomingStream<'a, TcpListener>) -> Self::Future {
+        std::future::ready(Ok(front::Front::new(
+            self.state.clone(),
+            self.router.clone(),
+            *conn.remote_addr(),
+        )))
+    }
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then drains in-flight requests.
@@ -250,12 +281,13 @@ pub async fn serve(
     let state = AppState::new(config, store);
     let flusher = tokio::spawn(flush_usage(state.clone()));
     let watcher = tokio::spawn(coherence::run(state.clone()));
-    let served = axum::serve(
-        listener,
-        app(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await;
+    let make = MakeFront {
+        router: app(state.clone()),
+        state: state.clone(),
+    };
+    let served = axum::serve(listener, make)
+        .with_graceful_shutdown(shutdown)
+        .await;
     flusher.abort();
     watcher.abort();
     // The last counts of a graceful shutdown are written before the process goes.

@@ -151,19 +151,12 @@ pub fn parse_quota(field: &str, q: &proto::Quota) -> Result<model::Quota, ApiErr
     Ok(m)
 }
 
-/// A `200` JSON response, serialized into a buffer sized for the hot path's answers (axum's
-/// `Json` starts at 128 bytes and grows by copying, three times for a verify answer).
-pub fn json_response<T: serde::Serialize>(value: &T) -> axum::response::Response {
-    let mut buf = Vec::with_capacity(512);
-    match serde_json::to_writer(&mut buf, value) {
-        Ok(()) => {
-            let mut resp = axum::response::Response::new(axum::body::Body::from(buf));
-            resp.headers_mut().insert(
-                axum::http::header::CONTENT_TYPE,
-                axum::http::HeaderValue::from_static("application/json"),
-            );
-            resp
-        }
-        Err(e) => axum::response::IntoResponse::into_response(ApiError::internal(e)),
-    }
+/// A `200` response carrying JSON already written.
+pub fn json_bytes(body: Vec<u8>) -> axum::response::Response {
+    let mut resp = axum::response::Response::new(axum::body::Body::from(body));
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }

@@ -22,12 +22,23 @@ pub fn current() -> String {
 /// counts and times the request for `/metrics` (one layer for both: every `from_fn` layer clones
 /// the inner service on each request).
 pub async fn middleware(req: Request, next: Next) -> Response {
-    let start = std::time::Instant::now();
-    let method = req.method().clone();
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .cloned();
+    let route = route.as_ref().map(|p| p.as_str()).unwrap_or("unmatched");
+    around(route, req, |req| next.run(req)).await
+}
+
+/// What [`middleware`] does around `next` for a request to `route` (its template), for the
+/// router's routes and the front door's alike.
+pub async fn around<F, Fut>(route: &str, req: Request, next: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
+    let start = std::time::Instant::now();
+    let method = req.method().clone();
     let id = req
         .headers()
         .get("x-request-id")
@@ -35,11 +46,12 @@ pub async fn middleware(req: Request, next: Next) -> Response {
         .filter(|s| keyward_core::validate::request_id(s))
         .map(str::to_string)
         .unwrap_or_else(keyward_core::validate::new_request_id);
-    let mut resp = REQUEST_ID.scope(id.clone(), next.run(req)).await;
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    // A request id is ASCII by construction or by the check above.
+    let header = HeaderValue::from_str(&id).ok();
+    let mut resp = REQUEST_ID.scope(id, next(req)).await;
+    if let Some(v) = header {
         resp.headers_mut().insert("x-request-id", v);
     }
-    let route = route.as_ref().map(|p| p.as_str()).unwrap_or("unmatched");
     crate::ops::record(route, &method, resp.status().as_u16(), start.elapsed());
     resp
 }

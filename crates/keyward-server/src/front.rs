@@ -1,0 +1,160 @@
+//! The front door: the service every connection's requests enter. The routes Keyward exists
+//! for (`POST /v1/keys/verify`, `GET /v1/me`) and the static `GET /healthz` are dispatched
+//! here, on their exact method and path, straight to their handlers; everything else goes to the
+//! axum router.
+//!
+//! Why: the router wraps each route in boxed, cloned services (the route itself, each
+//! `from_fn` layer, the handler), allocates a future per layer and matches the path against
+//! every template; for a verification that was a visible share of the server's own CPU time. A
+//! request dispatched here passes through exactly the same steps, in the same order, by calling
+//! the same functions the router's layers call: request id and metrics
+//! (`request_id::around`), panic catching, the credential checks
+//! (`auth::guard`), the extractors and the handler. The routes stay in the router as well (so
+//! `app` alone is the whole API, and `/openapi.json` lists them), where they behave the same.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State};
+use axum::http::Method;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use futures_util::FutureExt;
+use keyward_proto as proto;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::extract::ApiJson;
+use crate::AppState;
+
+/// A route the front door answers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hot {
+    Healthz,
+    Verify,
+    Me,
+}
+
+impl Hot {
+    fn of(method: &Method, path: &str) -> Option<Hot> {
+        match (path, *method == Method::GET, *method == Method::POST) {
+            ("/v1/keys/verify", _, true) => Some(Hot::Verify),
+            ("/v1/me", true, _) => Some(Hot::Me),
+            ("/healthz", true, _) => Some(Hot::Healthz),
+            _ => None,
+        }
+    }
+
+    /// The route template, as the router's metrics name it.
+    fn template(self) -> &'static str {
+        match self {
+            Hot::Healthz => "/healthz",
+            Hot::Verify => "/v1/keys/verify",
+            Hot::Me => "/v1/me",
+        }
+    }
+}
+
+/// The service of one connection.
+#[derive(Clone)]
+pub struct Front {
+    state: AppState,
+    router: Router,
+    peer: SocketAddr,
+}
+
+impl Front {
+    /// The front door of a connection from `peer`, in front of `router` (built by [`crate::app`]
+    /// over the same state).
+    pub fn new(state: AppState, router: Router, peer: SocketAddr) -> Front {
+        Front {
+            state,
+            router,
+            peer,
+        }
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+impl tower::Service<Request> for Front {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The router is always ready (axum's `Router` answers `Ready` unconditionally).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request) -> BoxFuture {
+        match Hot::of(req.method(), req.uri().path()) {
+            Some(hot) => Box::pin(hot_route(self.state.clone(), self.peer, hot, req).map(Ok)),
+            None => {
+                // What `into_make_service_with_connect_info` would have added.
+                req.extensions_mut().insert(ConnectInfo(self.peer));
+                let mut router = self.router.clone();
+                Box::pin(async move { tower::Service::call(&mut router, req).await })
+            }
+        }
+    }
+}
+
+/// A front-door route: the router's layers, in the router's order, around its handler.
+async fn hot_route(state: AppState, peer: SocketAddr, hot: Hot, req: Request) -> Response {
+    // The 1 MiB body limit is applied where bodies are read (`extract::json_body`, the signature
+    // check), as the router's `DefaultBodyLimit` is.
+    crate::request_id::around(hot.template(), req, |req| async move {
+        let handled = AssertUnwindSafe(async {
+            match hot {
+                Hot::Healthz => crate::ops::healthz().await.into_response(),
+                Hot::Verify => {
+                    crate::auth::guard(&state, peer, req, |req| verify(state.clone(), req)).await
+                }
+                Hot::Me => {
+                    crate::auth::guard(&state, peer, req, |req| me(state.clone(), req)).await
+                }
+            }
+        })
+        .catch_unwind()
+        .await;
+        handled.unwrap_or_else(|_| crate::panic_response())
+    })
+    .await
+}
+
+/// `POST /v1/keys/verify` with its extractors, as the router would run them.
+async fn verify(state: AppState, req: Request) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let caller = match Caller::from_request_parts(&mut parts, &state).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let req = Request::from_parts(parts, body);
+    let body = match ApiJson::<proto::VerifyRequest>::from_request(req, &state).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    into_response(crate::verify::verify(State(state), caller, body).await)
+}
+
+/// `GET /v1/me` with its extractor, as the router would run it.
+async fn me(state: AppState, req: Request) -> Response {
+    let (mut parts, _) = req.into_parts();
+    let caller = match Caller::from_request_parts(&mut parts, &state).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    into_response(crate::me::me(State(state), caller).await)
+}
+
+fn into_response<T: IntoResponse>(r: Result<T, ApiError>) -> Response {
+    match r {
+        Ok(v) => v.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
