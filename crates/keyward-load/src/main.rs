@@ -493,6 +493,15 @@ async fn main() -> Result<(), Failure> {
         )
         .await;
         let me = me?;
+        if std::env::var("KEYWARD_LOAD_DEBUG").is_ok() {
+            for (name, run) in [("static", &stat), ("verify", &ver), ("me", &me)] {
+                let qs: Vec<String> = [0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999]
+                    .iter()
+                    .map(|q| format!("p{}={:.2}", q * 100.0, run.ms(*q)))
+                    .collect();
+                println!("  {name}: {}", qs.join(" "));
+            }
+        }
         for (name, run, cpu) in [
             ("GET /healthz (static)", &stat, stat_cpu),
             ("POST /v1/keys/verify", &ver, ver_cpu),
@@ -556,10 +565,12 @@ async fn main() -> Result<(), Failure> {
         .saturating_sub(misses_before);
     if std::env::var("KEYWARD_LOAD_DEBUG").is_ok() {
         let (_, body) = fetch(server.addr, "/metrics").await?;
-        for l in body
-            .lines()
-            .filter(|l| l.contains("auth_failures") || l.contains("verify_cache"))
-        {
+        for l in body.lines().filter(|l| {
+            l.contains("auth_failures")
+                || l.contains("verify_cache")
+                || l.contains("flush")
+                || (l.contains("request_duration") && l.contains("verify"))
+        }) {
             println!("  {l}");
         }
     }

@@ -16,7 +16,7 @@ use keyward_core::model::{AuditEvent, Key, Outcome, TraceContext};
 use keyward_core::rules::{ConstraintError, RequestFacts};
 use keyward_core::scope::Scope;
 use keyward_core::secret::Secret;
-use keyward_core::token::TokenKind;
+use keyward_core::token::{TokenDigest, TokenKind};
 use keyward_proto::ErrorCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -432,11 +432,44 @@ pub async fn middleware(
     req: Request,
     next: Next,
 ) -> Response {
-    guard(&state, peer, req, |req| next.run(req)).await
+    guard(&state, peer, None, req, |req| next.run(req)).await
 }
 
-/// What [`middleware`] does around `next`, for the router's routes and the front door's alike.
-pub async fn guard<F, Fut>(state: &AppState, peer: SocketAddr, req: Request, next: F) -> Response
+/// A connection's copy of the snapshot its last caller authenticated with.
+///
+/// A service calls Keyward over a few connections with one key, so every request of a
+/// connection authenticates the same key. Answering it from the shared cache touches that
+/// key's shard lock and snapshot reference count on every request, from every core: cache lines
+/// that then bounce between cores. The connection keeps its own copy (its own allocation, with
+/// its own count; the live traffic state inside is still the key's one shared state), valid
+/// exactly as long as the cache entry it was copied from.
+#[derive(Debug, Default)]
+pub struct CallerCache(std::sync::Mutex<Option<Arc<Prepared>>>);
+
+impl CallerCache {
+    fn get(&self, state: &AppState, digest: &TokenDigest, now_ms: i64) -> Option<Arc<Prepared>> {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_ref()
+            .filter(|p| p.key.digest == *digest && state.cache.is_current(p, now_ms))
+            .cloned()
+    }
+
+    fn put(&self, p: &Prepared) -> Arc<Prepared> {
+        let mine = Arc::new(p.clone());
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(mine.clone());
+        mine
+    }
+}
+
+/// What [`middleware`] does around `next`, for the router's routes and the front door's alike;
+/// the front door passes its connection's [`CallerCache`].
+pub async fn guard<F, Fut>(
+    state: &AppState,
+    peer: SocketAddr,
+    callers: Option<&CallerCache>,
+    req: Request,
+    next: F,
+) -> Response
 where
     F: FnOnce(Request) -> Fut,
     Fut: std::future::Future<Output = Response>,
@@ -448,7 +481,7 @@ where
     let uri = req.uri().clone();
     let trace = trace_context(req.headers());
     let mut meta = Meta::default();
-    let mut resp = match authenticate(state, ip, req, &trace, &mut meta).await {
+    let mut resp = match authenticate(state, ip, callers, req, &trace, &mut meta).await {
         Ok(req) => next(req).await,
         Err(e) => e.into_response(),
     };
@@ -535,6 +568,7 @@ fn rules_waived(key: &Key, method: &axum::http::Method, path: &str) -> bool {
 async fn authenticate(
     state: &AppState,
     ip: IpAddr,
+    callers: Option<&CallerCache>,
     req: Request,
     trace: &Result<TraceContext, ApiError>,
     meta: &mut Meta,
@@ -553,7 +587,32 @@ async fn authenticate(
         }
     }
     let token = credential(req.headers())?;
-    let prepared = lookup(state, token.expose(), now_ms).await?;
+    let prepared = match callers {
+        None => lookup(state, token.expose(), now_ms).await?,
+        Some(callers) => {
+            let digest = TokenDigest::of(token.expose());
+            match callers.get(state, &digest, now_ms) {
+                Some(p) => {
+                    stats().add(Hot::CacheHit);
+                    p
+                }
+                None => {
+                    let shared = state
+                        .cache
+                        .lookup_digest(
+                            state.store.as_ref(),
+                            &state.meter,
+                            token.expose(),
+                            digest,
+                            now_ms,
+                        )
+                        .await?
+                        .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey))?;
+                    callers.put(&shared)
+                }
+            }
+        }
+    };
     meta.prepared = Some(prepared.clone());
     let (req, narrowed, trace) = match check(state, &prepared, ip, req, trace, meta, now_ms).await {
         Ok(passed) => passed,
@@ -639,9 +698,7 @@ async fn verify_signed_request(
     now: keyward_core::model::Timestamp,
 ) -> Result<Request, ApiError> {
     let (parts, body) = req.into_parts();
-    let bytes = axum::body::to_bytes(body, crate::MAX_BODY_BYTES)
-        .await
-        .map_err(|_| ApiError::new(ErrorCode::PayloadTooLarge))?;
+    let bytes = crate::extract::read_body(body).await?;
     let header = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok());
     let path = parts
         .uri

@@ -382,11 +382,32 @@ impl VerifyCache {
         token: &str,
         now_ms: i64,
     ) -> Result<Option<Arc<Prepared>>, StoreError> {
-        let digest = TokenDigest::of(token);
+        self.lookup_digest(store, meter, token, TokenDigest::of(token), now_ms)
+            .await
+    }
+
+    /// [`VerifyCache::lookup`] for a token whose digest the caller has computed already.
+    pub async fn lookup_digest(
+        &self,
+        store: &dyn Store,
+        meter: &Meter,
+        token: &str,
+        digest: TokenDigest,
+        now_ms: i64,
+    ) -> Result<Option<Arc<Prepared>>, StoreError> {
         match self.cached(&digest, now_ms) {
             Some(hit) => Ok(hit),
             None => self.load(store, meter, token, digest, now_ms).await,
         }
+    }
+
+    /// Whether a snapshot this cache handed out may still be answered from: this node is in
+    /// sync, and the snapshot is of the current generation and not expired. (A connection keeps
+    /// its caller's snapshot, and asks this instead of the map.)
+    pub fn is_current(&self, p: &Prepared, now_ms: i64) -> bool {
+        self.coherence.fresh()
+            && p.stamp
+                .current(self.generation.load(Ordering::Acquire), now_ms)
     }
 
     /// What this generation of the cache holds for a digest: `Some(Some(_))` for a key,

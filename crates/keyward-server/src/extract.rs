@@ -33,17 +33,7 @@ pub async fn json_body<T: DeserializeOwned>(req: Request) -> Result<T, ApiError>
     if !is_json(req.headers()) {
         return Err(ApiError::new(ErrorCode::UnsupportedMediaType));
     }
-    let bytes = axum::body::to_bytes(req.into_body(), crate::MAX_BODY_BYTES)
-        .await
-        .map_err(|e| {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                ApiError::new(ErrorCode::PayloadTooLarge)
-            } else {
-                ApiError::new(ErrorCode::ValidationError).msg("could not read the request body")
-            }
-        })?;
+    let bytes = read_body(req.into_body()).await?;
     match serde_json::from_slice(&bytes) {
         Ok(v) => Ok(v),
         Err(_) => match axum::Json::<T>::from_bytes(&bytes) {
@@ -51,6 +41,47 @@ pub async fn json_body<T: DeserializeOwned>(req: Request) -> Result<T, ApiError>
             Err(rej) => Err(json_rejection(rej)),
         },
     }
+}
+
+/// Reads a whole request body, at most 1 MiB (`413 PAYLOAD_TOO_LARGE` beyond).
+///
+/// Unlike `axum::body::to_bytes`, it stops as soon as the body says it has ended (a
+/// `Content-Length` body whose bytes have all arrived) instead of polling once more for the end
+/// of the stream. hyper only reports that end on its connection task's next turn, so that extra
+/// poll parked every request with a body in the runtime's queue mid-request; when that worker
+/// thread was then descheduled, the request waited out the kernel's time slice (4 ms here, for
+/// 2-3% of verifications under load).
+pub async fn read_body(mut body: axum::body::Body) -> Result<axum::body::Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let unreadable =
+        || ApiError::new(ErrorCode::ValidationError).msg("could not read the request body");
+    let mut first: Option<axum::body::Bytes> = None;
+    let mut rest: Vec<u8> = Vec::new();
+    let mut len = 0usize;
+    while !axum::body::HttpBody::is_end_stream(&body) {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        let Ok(data) = frame.map_err(|_| unreadable())?.into_data() else {
+            // Trailers carry nothing a JSON body needs.
+            continue;
+        };
+        len += data.len();
+        if len > crate::MAX_BODY_BYTES {
+            return Err(ApiError::new(ErrorCode::PayloadTooLarge));
+        }
+        match &first {
+            // Almost every body arrives in one piece: keep it without copying.
+            None if rest.is_empty() => first = Some(data),
+            _ => {
+                if let Some(f) = first.take() {
+                    rest.extend_from_slice(&f);
+                }
+                rest.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| rest.into()))
 }
 
 /// Whether the content type is JSON, exactly as axum's `Json` judges it (`application/json` or

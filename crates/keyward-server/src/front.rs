@@ -19,14 +19,16 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use futures_util::FutureExt;
 use keyward_proto as proto;
 
-use crate::auth::Caller;
+use crate::auth::{Caller, CallerCache};
 use crate::error::ApiError;
 use crate::extract::ApiJson;
 use crate::AppState;
@@ -59,23 +61,29 @@ impl Hot {
     }
 }
 
-/// The service of one connection.
+/// The service of one connection. Cloned for every request (hyper's service contract), so it is
+/// one pointer to what the connection keeps: a request touches no reference count that other
+/// connections, on other cores, touch too.
 #[derive(Clone)]
-pub struct Front {
+pub struct Front(Arc<Conn>);
+
+struct Conn {
     state: AppState,
     router: Router,
     peer: SocketAddr,
+    callers: CallerCache,
 }
 
 impl Front {
     /// The front door of a connection from `peer`, in front of `router` (built by [`crate::app`]
     /// over the same state).
     pub fn new(state: AppState, router: Router, peer: SocketAddr) -> Front {
-        Front {
+        Front(Arc::new(Conn {
             state,
             router,
             peer,
-        }
+            callers: CallerCache::default(),
+        }))
     }
 }
 
@@ -93,11 +101,11 @@ impl tower::Service<Request> for Front {
 
     fn call(&mut self, mut req: Request) -> BoxFuture {
         match Hot::of(req.method(), req.uri().path()) {
-            Some(hot) => Box::pin(hot_route(self.state.clone(), self.peer, hot, req).map(Ok)),
+            Some(hot) => Box::pin(hot_route(self.0.clone(), hot, req).map(Ok)),
             None => {
                 // What `into_make_service_with_connect_info` would have added.
-                req.extensions_mut().insert(ConnectInfo(self.peer));
-                let mut router = self.router.clone();
+                req.extensions_mut().insert(ConnectInfo(self.0.peer));
+                let mut router = self.0.router.clone();
                 Box::pin(async move { tower::Service::call(&mut router, req).await })
             }
         }
@@ -105,18 +113,19 @@ impl tower::Service<Request> for Front {
 }
 
 /// A front-door route: the router's layers, in the router's order, around its handler.
-async fn hot_route(state: AppState, peer: SocketAddr, hot: Hot, req: Request) -> Response {
+async fn hot_route(conn: Arc<Conn>, hot: Hot, req: Request) -> Response {
     // The 1 MiB body limit is applied where bodies are read (`extract::json_body`, the signature
     // check), as the router's `DefaultBodyLimit` is.
     crate::request_id::around(hot.template(), req, |req| async move {
+        let (state, peer, callers) = (&conn.state, conn.peer, Some(&conn.callers));
         let handled = AssertUnwindSafe(async {
             match hot {
                 Hot::Healthz => crate::ops::healthz().await.into_response(),
                 Hot::Verify => {
-                    crate::auth::guard(&state, peer, req, |req| verify(state.clone(), req)).await
+                    crate::auth::guard(state, peer, callers, req, |req| verify(state, req)).await
                 }
                 Hot::Me => {
-                    crate::auth::guard(&state, peer, req, |req| me(state.clone(), req)).await
+                    crate::auth::guard(state, peer, callers, req, |req| me(state, req)).await
                 }
             }
         })
@@ -128,28 +137,28 @@ async fn hot_route(state: AppState, peer: SocketAddr, hot: Hot, req: Request) ->
 }
 
 /// `POST /v1/keys/verify` with its extractors, as the router would run them.
-async fn verify(state: AppState, req: Request) -> Response {
+async fn verify(state: &AppState, req: Request) -> Response {
     let (mut parts, body) = req.into_parts();
-    let caller = match Caller::from_request_parts(&mut parts, &state).await {
+    let caller = match Caller::from_request_parts(&mut parts, state).await {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
     let req = Request::from_parts(parts, body);
-    let body = match ApiJson::<proto::VerifyRequest>::from_request(req, &state).await {
+    let body = match ApiJson::<proto::VerifyRequest>::from_request(req, state).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    into_response(crate::verify::verify(State(state), caller, body).await)
+    into_response(crate::verify::answer(state, caller, body.0).await)
 }
 
 /// `GET /v1/me` with its extractor, as the router would run it.
-async fn me(state: AppState, req: Request) -> Response {
+async fn me(state: &AppState, req: Request) -> Response {
     let (mut parts, _) = req.into_parts();
-    let caller = match Caller::from_request_parts(&mut parts, &state).await {
+    let caller = match Caller::from_request_parts(&mut parts, state).await {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
-    into_response(crate::me::me(State(state), caller).await)
+    into_response(crate::me::answer(state, caller).await)
 }
 
 fn into_response<T: IntoResponse>(r: Result<T, ApiError>) -> Response {

@@ -16,6 +16,11 @@ pub async fn me(
     State(state): State<AppState>,
     caller: Caller,
 ) -> ApiResult<Json<proto::MeResponse>> {
+    answer(&state, caller).await
+}
+
+/// The handler's work, for the router and the front door.
+pub async fn answer(state: &AppState, caller: Caller) -> ApiResult<Json<proto::MeResponse>> {
     let Some(agent_id) = caller.key().agent_id else {
         return Err(ApiError::new(ErrorCode::MeRequiresAgentKey));
     };

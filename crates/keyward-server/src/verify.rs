@@ -168,8 +168,17 @@ pub async fn verify(
     caller: Caller,
     ApiJson(body): ApiJson<proto::VerifyRequest>,
 ) -> Result<axum::response::Response, ApiError> {
+    answer(&state, caller, body).await
+}
+
+/// The handler's work, for the router and the front door.
+pub async fn answer(
+    state: &AppState,
+    caller: Caller,
+    body: proto::VerifyRequest,
+) -> Result<axum::response::Response, ApiError> {
     caller.require(&["keys:verify"])?;
-    let verified = verify_key(&state, caller.org_id(), &body, &caller.ctx).await?;
+    let verified = verify_key(state, caller.org_id(), &body, &caller.ctx).await?;
     let mut out = Vec::with_capacity(512);
     verified.write_json(&mut out);
     Ok(crate::render::json_bytes(out))

@@ -48,6 +48,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "init", include_str!("migrations/0001_init.sql")),
     (2, "usage", include_str!("migrations/0002_usage.sql")),
     (3, "changes", include_str!("migrations/0003_changes.sql")),
+    (
+        4,
+        "key_last_used",
+        include_str!("migrations/0004_key_last_used.sql"),
+    ),
 ];
 
 /// How many connections one node keeps: verifications hit the cache, so the store mostly sees
@@ -95,7 +100,9 @@ const KEY_COLS: &str =
     "k.id, k.org_id, k.agent_id, k.parent_key_id, k.kind, k.environment, k.name, \
     k.start, k.digest, k.scopes, k.cidr_allowlist, k.rate_limit, k.quota, k.alert_thresholds, \
     k.requires_signature, k.signing_secret_enc, k.expires_at, k.deprecated_at, k.revoked_at, \
-    k.successor_key_id, k.last_used_at, k.created_at, k.metadata";
+    k.successor_key_id, \
+    (SELECT u.at FROM key_last_used u WHERE u.key_id = k.id) AS last_used_at, \
+    k.created_at, k.metadata";
 
 const AGENT_COLS: &str = "id, org_id, name, display_name, agent_type, status, scopes, metadata, \
     policy, capabilities, did, owner_user_id, parent_agent_id, version, created_at, updated_at, \
@@ -431,8 +438,8 @@ async fn insert_key_tx(tx: &mut Transaction<'static, Postgres>, k: &Key) -> Stor
         "INSERT INTO keys (id, org_id, agent_id, parent_key_id, kind, environment, name, start, \
          digest, scopes, cidr_allowlist, rate_limit, quota, alert_thresholds, requires_signature, \
          signing_secret_enc, expires_at, deprecated_at, revoked_at, successor_key_id, \
-         last_used_at, created_at, metadata) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
+         created_at, metadata) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)",
     )
     .bind(k.id.to_string())
     .bind(k.org_id.to_string())
@@ -454,12 +461,20 @@ async fn insert_key_tx(tx: &mut Transaction<'static, Postgres>, k: &Key) -> Stor
     .bind(opt_ms(k.deprecated_at))
     .bind(opt_ms(k.revoked_at))
     .bind(k.successor_key_id.map(|u| u.to_string()))
-    .bind(opt_ms(k.last_used_at))
     .bind(ms(k.created_at))
     .bind(to_json(&k.metadata)?)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
+    // A key arrives used only when it is copied (an import); its last use lives beside it.
+    if let Some(at) = k.last_used_at {
+        sqlx::query("INSERT INTO key_last_used (key_id, at) VALUES ($1, $2)")
+            .bind(k.id.to_string())
+            .bind(ms(at))
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+    }
     Ok(())
 }
 
@@ -1244,13 +1259,11 @@ impl Store for PostgresStore {
         for chunk in last_used.chunks(USAGE_ROWS_PER_STATEMENT) {
             let key_ids: Vec<String> = chunk.iter().map(|(id, _)| id.to_string()).collect();
             let ats: Vec<i64> = chunk.iter().map(|(_, at)| ms(*at)).collect();
-            // The rows are locked in key order first, for the same reason as above.
             sqlx::query(
-                "WITH u AS (SELECT k, max(t) AS t FROM UNNEST($1::text[], $2::bigint[]) AS x(k, t) GROUP BY k), \
-                 locked AS (SELECT keys.id FROM keys JOIN u ON keys.id = u.k ORDER BY keys.id FOR UPDATE OF keys) \
-                 UPDATE keys SET last_used_at = u.t FROM u, locked \
-                 WHERE keys.id = u.k AND locked.id = keys.id \
-                 AND (keys.last_used_at IS NULL OR keys.last_used_at < u.t)",
+                "INSERT INTO key_last_used (key_id, at) \
+                 SELECT k, max(t) FROM UNNEST($1::text[], $2::bigint[]) AS u(k, t) \
+                 GROUP BY k ORDER BY k \
+                 ON CONFLICT (key_id) DO UPDATE SET at = GREATEST(key_last_used.at, excluded.at)",
             )
             .bind(key_ids)
             .bind(ats)

@@ -48,6 +48,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "quota_counters",
         include_str!("migrations/0003_quota_counters.sql"),
     ),
+    (
+        4,
+        "key_last_used",
+        include_str!("migrations/0004_key_last_used.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -80,7 +85,9 @@ const KEY_COLS: &str =
     "k.id, k.org_id, k.agent_id, k.parent_key_id, k.kind, k.environment, k.name, \
     k.start, k.digest, k.scopes, k.cidr_allowlist, k.rate_limit, k.quota, k.alert_thresholds, \
     k.requires_signature, k.signing_secret_enc, k.expires_at, k.deprecated_at, k.revoked_at, \
-    k.successor_key_id, k.last_used_at, k.created_at, k.metadata";
+    k.successor_key_id, \
+    (SELECT u.at FROM key_last_used u WHERE u.key_id = k.id) AS last_used_at, \
+    k.created_at, k.metadata";
 
 const AGENT_COLS: &str = "id, org_id, name, display_name, agent_type, status, scopes, metadata, \
     policy, capabilities, did, owner_user_id, parent_agent_id, version, created_at, updated_at, \
@@ -193,8 +200,8 @@ async fn insert_key_tx(tx: &mut Transaction<'static, Sqlite>, k: &Key) -> StoreR
         "INSERT INTO keys (id, org_id, agent_id, parent_key_id, kind, environment, name, start, \
          digest, scopes, cidr_allowlist, rate_limit, quota, alert_thresholds, requires_signature, \
          signing_secret_enc, expires_at, deprecated_at, revoked_at, successor_key_id, \
-         last_used_at, created_at, metadata) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         created_at, metadata) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(k.id.to_string())
     .bind(k.org_id.to_string())
@@ -216,12 +223,20 @@ async fn insert_key_tx(tx: &mut Transaction<'static, Sqlite>, k: &Key) -> StoreR
     .bind(opt_ms(k.deprecated_at))
     .bind(opt_ms(k.revoked_at))
     .bind(k.successor_key_id.map(|u| u.to_string()))
-    .bind(opt_ms(k.last_used_at))
     .bind(ms(k.created_at))
     .bind(to_json(&k.metadata)?)
     .execute(&mut **tx)
     .await
     .map_err(map_err)?;
+    // A key arrives used only when it is copied (an import); its last use lives beside it.
+    if let Some(at) = k.last_used_at {
+        sqlx::query("INSERT INTO key_last_used (key_id, at) VALUES (?, ?)")
+            .bind(k.id.to_string())
+            .bind(ms(at))
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+    }
     Ok(())
 }
 
@@ -888,12 +903,13 @@ impl Store for SqliteStore {
         // hand-offs each (10,000 used keys: a tenth of the server's CPU under load). The rows go
         // in as one JSON array that `json_each` unrolls.
         for chunk in deltas.chunks(USAGE_ROWS_PER_STATEMENT) {
-            let rows: Vec<(String, String, i64, i64, i64, i64)> = chunk
+            // Ids serialize as the same hyphenated text they are stored as, with no allocation.
+            let rows: Vec<(Uuid, Uuid, i64, i64, i64, i64)> = chunk
                 .iter()
                 .map(|d| {
                     (
-                        d.key_id.to_string(),
-                        d.org_id.to_string(),
+                        d.key_id,
+                        d.org_id,
                         ms(d.hour),
                         d.allowed as i64,
                         d.denied as i64,
@@ -915,14 +931,14 @@ impl Store for SqliteStore {
             .map_err(map_err)?;
         }
         for chunk in last_used.chunks(USAGE_ROWS_PER_STATEMENT) {
-            let rows: Vec<(String, i64)> = chunk
+            let rows: Vec<(Uuid, i64)> = chunk
                 .iter()
-                .map(|(key_id, at)| (key_id.to_string(), ms(*at)))
+                .map(|(key_id, at)| (*key_id, ms(*at)))
                 .collect();
             sqlx::query(
-                "UPDATE keys SET last_used_at = u.at \
-                 FROM (SELECT value ->> 0 AS id, max(value ->> 1) AS at FROM json_each(?) GROUP BY 1) AS u \
-                 WHERE keys.id = u.id AND (keys.last_used_at IS NULL OR keys.last_used_at < u.at)",
+                "INSERT INTO key_last_used (key_id, at) \
+                 SELECT value ->> 0, value ->> 1 FROM json_each(?) WHERE true \
+                 ON CONFLICT (key_id) DO UPDATE SET at = max(at, excluded.at)",
             )
             .bind(json_rows(&rows)?)
             .execute(&mut *tx)
@@ -1037,5 +1053,58 @@ impl Store for SqliteStore {
             Some(r) => get::<i64>(&r, "used")?.max(0) as u64,
             None => 0,
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// A data dir from before `key_last_used` keeps every key's last use through the migration.
+    #[tokio::test]
+    async fn the_last_used_migration_keeps_every_recorded_last_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        let opts = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await
+            .unwrap();
+        let mut old = migrator();
+        old.migrations = Cow::Owned(old.migrations[..3].to_vec());
+        old.run(&pool).await.unwrap();
+        let (org, key, used_at) = (Uuid::now_v7(), Uuid::now_v7(), 1_795_000_000_123i64);
+        sqlx::query("INSERT INTO orgs (id, name, created_at, policy) VALUES (?, 'old', 0, '{}')")
+            .bind(org.to_string())
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO keys (id, org_id, kind, environment, start, digest, scopes, \
+             cidr_allowlist, alert_thresholds, requires_signature, created_at, metadata, \
+             last_used_at) \
+             VALUES (?, ?, 'root', 'live', 'kw_rk_abcdef', ?, '[]', '[]', '[]', 0, 0, '{}', ?)",
+        )
+        .bind(key.to_string())
+        .bind(org.to_string())
+        .bind(vec![7u8; 32])
+        .bind(used_at)
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+
+        let store = SqliteStore::open(&path).await.unwrap();
+        let k = store
+            .get_key(key)
+            .await
+            .unwrap()
+            .expect("the key is still there");
+        assert_eq!(k.last_used_at.map(|t| t.timestamp_millis()), Some(used_at));
+        store.close().await;
     }
 }

@@ -1,0 +1,12 @@
+-- When each key was last used, beside the key's row rather than in it: the usage flush writes
+-- this for every key used since the last flush (every second), and rewriting the wide key row for
+-- it cost four times as much as this narrow table (10,000 keys: 27 ms against 7 ms).
+CREATE TABLE key_last_used (
+    key_id  TEXT PRIMARY KEY NOT NULL,
+    at      INTEGER NOT NULL
+) WITHOUT ROWID;
+
+INSERT INTO key_last_used (key_id, at)
+    SELECT id, last_used_at FROM keys WHERE last_used_at IS NOT NULL;
+
+ALTER TABLE keys DROP COLUMN last_used_at;
