@@ -46,6 +46,9 @@ struct Args {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Rounds of (static, verify, me) per connection count; the table shows the median.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// The keyward binary to start.
     #[arg(long, default_value = "target/release/keyward")]
     bin: PathBuf,
@@ -82,6 +85,21 @@ fn cpu_time(pid: &str) -> Option<(Duration, Duration)> {
     };
     // After `)`: field 3 (state) is index 0, so utime (14) is 11 and stime (15) is 12.
     Some((tick(11)?, tick(12)?))
+}
+
+/// One measurement and the CPU it took.
+struct Measured {
+    run: Run,
+    cpu: CpuUse,
+}
+
+/// Runs one measurement, with the CPU the server (`pid`) and this process used meanwhile.
+async fn measure(
+    pid: u32,
+    f: impl std::future::Future<Output = Result<Run, Failure>>,
+) -> Result<Measured, Failure> {
+    let (run, cpu) = with_cpu(pid, f).await;
+    Ok(Measured { run: run?, cpu })
 }
 
 /// CPU used by the server and by this generator over one measurement.
@@ -444,81 +462,100 @@ async fn main() -> Result<(), Failure> {
     );
 
     println!(
-        "\n| conns | endpoint | req/s | vs static | p50 ms | p99 ms | p99.9 ms | errors | server CPU µs/req (user + sys) | generator CPU µs/req |"
+        "\n| conns | endpoint | req/s | vs static: median (range) of {} rounds | p50 ms | p99 ms | p99.9 ms | errors | server CPU µs/req (user + sys) | generator CPU µs/req |",
+        args.rounds.max(1)
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let secs = Duration::from_secs(args.seconds);
     for &conns in &args.connections {
-        let (stat, stat_cpu) = with_cpu(
-            pid,
-            drive(
-                server.addr,
-                None,
-                conns,
-                Some(secs),
-                None,
-                200,
-                Arc::new(|_| get("/healthz", None)),
-            ),
-        )
-        .await;
-        let stat = stat?;
-        let (r, t) = (root.clone(), tokens.clone());
-        let (ver, ver_cpu) = with_cpu(
-            pid,
-            drive(
-                server.addr,
-                None,
-                conns,
-                Some(secs),
-                None,
-                200,
-                Arc::new(move |i| verify(&r, &t[(i * 7919) as usize % t.len()])),
-            ),
-        )
-        .await;
-        let ver = ver?;
-        let t = tokens.clone();
-        let (me, me_cpu) = with_cpu(
-            pid,
-            drive(
-                server.addr,
-                None,
-                conns,
-                Some(secs),
-                None,
-                200,
-                Arc::new(move |i| get("/v1/me", Some(&t[(i * 7919) as usize % t.len()]))),
-            ),
-        )
-        .await;
-        let me = me?;
-        if std::env::var("KEYWARD_LOAD_DEBUG").is_ok() {
-            for (name, run) in [("static", &stat), ("verify", &ver), ("me", &me)] {
-                let qs: Vec<String> = [0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999]
-                    .iter()
-                    .map(|q| format!("p{}={:.2}", q * 100.0, run.ms(*q)))
-                    .collect();
-                println!("  {name}: {}", qs.join(" "));
+        // Rounds of static, verify, me back to back: each ratio compares runs seconds apart, so
+        // the machine's drift (a shared VM's speed moves by tens of percent over minutes) cancels
+        // out of it; the table shows the median round and the range over rounds.
+        let mut rounds: Vec<[Measured; 3]> = Vec::new();
+        for _ in 0..args.rounds.max(1) {
+            let stat = measure(
+                pid,
+                drive(
+                    server.addr,
+                    None,
+                    conns,
+                    Some(secs),
+                    None,
+                    200,
+                    Arc::new(|_| get("/healthz", None)),
+                ),
+            )
+            .await?;
+            let (r, t) = (root.clone(), tokens.clone());
+            let ver = measure(
+                pid,
+                drive(
+                    server.addr,
+                    None,
+                    conns,
+                    Some(secs),
+                    None,
+                    200,
+                    Arc::new(move |i| verify(&r, &t[(i * 7919) as usize % t.len()])),
+                ),
+            )
+            .await?;
+            let t = tokens.clone();
+            let me = measure(
+                pid,
+                drive(
+                    server.addr,
+                    None,
+                    conns,
+                    Some(secs),
+                    None,
+                    200,
+                    Arc::new(move |i| get("/v1/me", Some(&t[(i * 7919) as usize % t.len()]))),
+                ),
+            )
+            .await?;
+            if std::env::var("KEYWARD_LOAD_DEBUG").is_ok() {
+                for (name, m) in [("static", &stat), ("verify", &ver), ("me", &me)] {
+                    let qs: Vec<String> = [0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999]
+                        .iter()
+                        .map(|q| format!("p{}={:.2}", q * 100.0, m.run.ms(*q)))
+                        .collect();
+                    println!("  {name}: {:.0} req/s {}", m.run.rps(), qs.join(" "));
+                }
             }
+            rounds.push([stat, ver, me]);
         }
-        for (name, run, cpu) in [
-            ("GET /healthz (static)", &stat, stat_cpu),
-            ("POST /v1/keys/verify", &ver, ver_cpu),
-            ("GET /v1/me", &me, me_cpu),
-        ] {
-            let per = |d: Duration| d.as_secs_f64() * 1e6 / run.requests.max(1) as f64;
+        for (i, name) in [
+            "GET /healthz (static)",
+            "POST /v1/keys/verify",
+            "GET /v1/me",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let ratios: Vec<f64> = rounds
+                .iter()
+                .map(|r| 100.0 * r[i].run.rps() / r[0].run.rps())
+                .collect();
+            // The round whose ratio is the median speaks for the rest of the row.
+            let mut order: Vec<usize> = (0..rounds.len()).collect();
+            order.sort_by(|a, b| ratios[*a].total_cmp(&ratios[*b]));
+            let m = &rounds[order[order.len() / 2]][i];
+            let (lo, hi) = (ratios[order[0]], ratios[order[order.len() - 1]]);
+            let per = |d: Duration| d.as_secs_f64() * 1e6 / m.run.requests.max(1) as f64;
             println!(
-                "| {conns} | {name} | {:.0} | {:.0}% | {:.2} | {:.2} | {:.2} | {} | {:.1} + {:.1} | {:.1} |",
-                run.rps(),
-                100.0 * run.rps() / stat.rps(),
-                run.ms(0.5),
-                run.ms(0.99),
-                run.ms(0.999),
-                run.errors,
-                per(cpu.server_user),
-                per(cpu.server_sys),
-                per(cpu.client),
+                "| {conns} | {name} | {:.0} | {:.0}% ({:.0}-{:.0}%) | {:.2} | {:.2} | {:.2} | {} | {:.1} + {:.1} | {:.1} |",
+                m.run.rps(),
+                ratios[order[order.len() / 2]],
+                lo,
+                hi,
+                m.run.ms(0.5),
+                m.run.ms(0.99),
+                m.run.ms(0.999),
+                rounds.iter().map(|r| r[i].run.errors).sum::<u64>(),
+                per(m.cpu.server_user),
+                per(m.cpu.server_sys),
+                per(m.cpu.client),
             );
         }
     }

@@ -41,7 +41,7 @@ pub struct Caller {
 #[derive(Debug, Clone, Default)]
 pub struct RequestContext {
     pub client_ip: Option<IpAddr>,
-    pub request_id: String,
+    pub request_id: Arc<str>,
     pub trace: TraceContext,
 }
 
@@ -69,9 +69,18 @@ impl Caller {
             .iter()
             .filter_map(|s| Scope::parse(s).ok())
             .collect();
-        check_scopes(self.scopes(), &parsed).map_err(|_| {
-            ApiError::new(ErrorCode::InsufficientScope).details(json!({ "required": required }))
-        })
+        self.require_parsed(&parsed, required)
+    }
+
+    /// [`Caller::require`] with the scopes parsed once (for the hot endpoints). Fails closed if
+    /// `parsed` does not hold one scope per name.
+    pub fn require_parsed(&self, parsed: &[Scope], required: &[&str]) -> Result<(), ApiError> {
+        if parsed.len() == required.len() && check_scopes(self.scopes(), parsed).is_ok() {
+            Ok(())
+        } else {
+            Err(ApiError::new(ErrorCode::InsufficientScope)
+                .details(json!({ "required": required })))
+        }
     }
 
     /// The org check: a credential of another org gets `403 NOT_A_MEMBER`.
@@ -110,7 +119,7 @@ impl Caller {
             target_type: Some(target_type.to_string()),
             target_id: Some(target_id),
             client_ip: self.ctx.client_ip.map(|ip| ip.to_string()),
-            request_id: Some(self.ctx.request_id.clone()),
+            request_id: Some(self.ctx.request_id.to_string()),
             trace: self.ctx.trace.clone(),
             details,
         }
@@ -317,7 +326,9 @@ pub async fn admit(
     };
     let admission = match local {
         Some(a) => a,
-        None => admit_through_store(state, p, admitted_as, now_ms).await,
+        // Boxed: its futures (Redis, the store) would otherwise make every request's future
+        // kilobytes larger, and futures are moved by copying.
+        None => Box::pin(admit_through_store(state, p, admitted_as, now_ms)).await,
     };
     let now_ns = now_ms.saturating_mul(1_000_000);
     let (Some(gcra), Some(d)) = (p.rate, admission.rate) else {
@@ -432,7 +443,11 @@ pub async fn middleware(
     req: Request,
     next: Next,
 ) -> Response {
-    guard(&state, peer, None, req, |req| next.run(req)).await
+    guard(&state, peer, None, req, |mut req, caller| {
+        req.extensions_mut().insert(caller);
+        next.run(req)
+    })
+    .await
 }
 
 /// A connection's copy of the snapshot its last caller authenticated with.
@@ -461,8 +476,10 @@ impl CallerCache {
     }
 }
 
-/// What [`middleware`] does around `next`, for the router's routes and the front door's alike;
-/// the front door passes its connection's [`CallerCache`].
+/// What [`middleware`] does around `next`, for the router's routes and the front door's alike:
+/// `next` gets the request and its authenticated caller (the router's handlers find it in the
+/// request's extensions; the front door hands it straight to its handler). The front door
+/// passes its connection's [`CallerCache`].
 pub async fn guard<F, Fut>(
     state: &AppState,
     peer: SocketAddr,
@@ -471,7 +488,7 @@ pub async fn guard<F, Fut>(
     next: F,
 ) -> Response
 where
-    F: FnOnce(Request) -> Fut,
+    F: FnOnce(Request, Caller) -> Fut,
     Fut: std::future::Future<Output = Response>,
 {
     let ip = client_ip(peer.ip(), req.headers(), &state.config.trusted_proxies);
@@ -482,7 +499,7 @@ where
     let trace = trace_context(req.headers());
     let mut meta = Meta::default();
     let mut resp = match authenticate(state, ip, callers, req, &trace, &mut meta).await {
-        Ok(req) => next(req).await,
+        Ok((req, caller)) => next(req, caller).await,
         Err(e) => e.into_response(),
     };
     if meta.deprecated {
@@ -514,7 +531,7 @@ where
                     action: "auth.denied",
                     code: code.as_str(),
                     client_ip: Some(ip),
-                    request_id: Some(crate::request_id::current()),
+                    request_id: Some(crate::request_id::current().to_string()),
                     trace: trace.unwrap_or_default(),
                     method: Some(method.to_string()),
                     path: Some(uri.path().to_string()),
@@ -572,7 +589,7 @@ async fn authenticate(
     req: Request,
     trace: &Result<TraceContext, ApiError>,
     meta: &mut Meta,
-) -> Result<Request, ApiError> {
+) -> Result<(Request, Caller), ApiError> {
     let now_ms = state.now_ms();
     // An address that keeps failing to authenticate is refused before its token is even
     // parsed, so guessing keys is slow and costs the server nothing.
@@ -625,8 +642,7 @@ async fn authenticate(
     let (rate, admitted) = admit(state, &prepared, Use::Allowed, now_ms).await;
     meta.rate = rate;
     admitted?;
-    let mut req = req;
-    req.extensions_mut().insert(Caller {
+    let caller = Caller {
         narrowed,
         prepared,
         ctx: RequestContext {
@@ -634,8 +650,8 @@ async fn authenticate(
             request_id: crate::request_id::current(),
             trace,
         },
-    });
-    Ok(req)
+    };
+    Ok((req, caller))
 }
 
 /// The checks before the traffic controls: key state, agent state, signature, constraints and
@@ -657,7 +673,7 @@ async fn check(
     check_key(key, prepared.agent_status, Some(ip), now_ms, is_me).map_err(denial_error)?;
     if key.requires_signature {
         let now = keyward_core::clock::from_millis(now_ms);
-        req = verify_signed_request(state, key, req, now).await?;
+        req = Box::pin(verify_signed_request(state, key, req, now)).await?;
     }
     // Scopes are only copied when a constraints header narrows them.
     let mut narrowed = None;

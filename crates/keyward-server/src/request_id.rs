@@ -2,20 +2,23 @@
 //! echoed. The id lives in a task-local for the request's lifetime so that error bodies and
 //! audit events can name it without threading it through every call.
 
+use std::sync::Arc;
+
 use axum::extract::Request;
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
 
 tokio::task_local! {
-    static REQUEST_ID: String;
+    static REQUEST_ID: Arc<str>;
 }
 
-/// The current request's id, or a fresh one outside a request.
-pub fn current() -> String {
+/// The current request's id, or a fresh one outside a request. Shared, not copied: a request's
+/// caller holds it for audit events.
+pub fn current() -> Arc<str> {
     REQUEST_ID
         .try_with(|id| id.clone())
-        .unwrap_or_else(|_| keyward_core::validate::new_request_id())
+        .unwrap_or_else(|_| keyward_core::validate::new_request_id().into())
 }
 
 /// Middleware: picks the id, runs the request inside its scope, sets the response header, and
@@ -39,13 +42,15 @@ where
 {
     let start = std::time::Instant::now();
     let method = req.method().clone();
-    let id = req
+    let id: Arc<str> = match req
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|s| keyward_core::validate::request_id(s))
-        .map(str::to_string)
-        .unwrap_or_else(keyward_core::validate::new_request_id);
+    {
+        Some(given) => given.into(),
+        None => keyward_core::validate::new_request_id().into(),
+    };
     // A request id is ASCII by construction or by the check above.
     let header = HeaderValue::from_str(&id).ok();
     let mut resp = REQUEST_ID.scope(id, next(req)).await;

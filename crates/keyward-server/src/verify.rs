@@ -93,7 +93,7 @@ async fn decide(
     if let Err(d) = check_key(key, p.agent_status, client_ip, now_ms, false) {
         return Decided::denied(crate::auth::denial_error(d).code);
     }
-    if let Err(code) = signature(state, p, body, now_ms).await {
+    if let Err(code) = Box::pin(signature(state, p, body, now_ms)).await {
         return Decided::denied(code);
     }
     // Facts are only built when a rule needs them, scopes only copied when narrowed.
@@ -177,7 +177,9 @@ pub async fn answer(
     caller: Caller,
     body: proto::VerifyRequest,
 ) -> Result<axum::response::Response, ApiError> {
-    caller.require(&["keys:verify"])?;
+    static KEYS_VERIFY: std::sync::LazyLock<Vec<Scope>> =
+        std::sync::LazyLock::new(|| Scope::parse("keys:verify").into_iter().collect());
+    caller.require_parsed(&KEYS_VERIFY, &["keys:verify"])?;
     let verified = verify_key(state, caller.org_id(), &body, &caller.ctx).await?;
     let mut out = Vec::with_capacity(512);
     verified.write_json(&mut out);
@@ -424,6 +426,7 @@ pub async fn verify_key(
         Err(e) if e.code == ErrorCode::InvalidApiKey => return Ok(count(Verified::invalid())),
         Err(e) => return Err(e),
     };
+    p.warm();
     let d = decide(state, &p, body, given, client_ip, &required, now_ms).await;
     // A verification counts against the verified key exactly like a direct call: the traffic
     // controls counted it if it reached them; a denial before them is counted here.
@@ -438,7 +441,7 @@ pub async fn verify_key(
             action: "key.verify",
             code: code.as_str(),
             client_ip,
-            request_id: Some(ctx.request_id.clone()),
+            request_id: Some(ctx.request_id.to_string()),
             trace: ctx.trace.clone(),
             method: given.method.clone(),
             path: given.path.clone(),
