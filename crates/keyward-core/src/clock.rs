@@ -100,6 +100,7 @@ impl TscWall {
             let raw = self.clock.raw();
             let s1 = self.seq.load(Ordering::Acquire);
             if s1 & 1 == 1 {
+                // A new anchor is being written: a few stores, under way right now.
                 std::hint::spin_loop();
                 continue;
             }
@@ -111,19 +112,18 @@ impl TscWall {
             }
             // A counter read taken just before a new anchor was published counts as the anchor.
             let since = self.clock.delta_as_nanos(anchor_raw, raw);
-            if since < REANCHOR_NS {
+            if since < REANCHOR_NS || !self.reanchor() {
+                // A thread that finds another already re-anchoring answers from the old anchor
+                // (a second old at most) rather than wait for it.
                 return anchor_ns.saturating_add(since as i64);
             }
-            self.reanchor();
         }
     }
 
-    /// Reads a new anchor, unless another thread is already doing so (then the caller reads
-    /// again, and waits on the sequence lock while the new anchor is written).
-    fn reanchor(&self) {
+    /// Reads a new anchor, unless another thread is already doing so; whether it did.
+    fn reanchor(&self) -> bool {
         if self.replacing.swap(true, Ordering::Acquire) {
-            std::hint::spin_loop();
-            return;
+            return false;
         }
         let raw = self.clock.raw();
         let ns = system_ns();
@@ -134,6 +134,7 @@ impl TscWall {
         self.anchor_ns.store(ns, Ordering::Relaxed);
         self.seq.store(s.wrapping_add(2), Ordering::Release);
         self.replacing.store(false, Ordering::Release);
+        true
     }
 }
 

@@ -28,7 +28,7 @@ const CHECKSUM_LEN: usize = 6;
 const BODY_LEN: usize = RANDOM_LEN + CHECKSUM_LEN;
 /// The longest string that could be a token (`kwt_xx_` plus the body is 43), with a little slack.
 /// Checking it first bounds the work done on hostile input.
-const MAX_TOKEN_LEN: usize = 45;
+pub const MAX_TOKEN_LEN: usize = 45;
 /// How many random base62 characters follow `kwss_` in a signing secret (≈ 256 bits).
 const SIGNING_SECRET_RANDOM_LEN: usize = 43;
 /// Random bytes at or above this value are rejected, because 248 is the largest multiple of 62

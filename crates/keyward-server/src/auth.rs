@@ -606,6 +606,9 @@ async fn authenticate(
     let token = credential(req.headers())?;
     let prepared = match callers {
         None => lookup(state, token.expose(), now_ms).await?,
+        Some(_) if token.expose().len() > keyward_core::token::MAX_TOKEN_LEN => {
+            return Err(ApiError::new(ErrorCode::InvalidApiKey));
+        }
         Some(callers) => {
             let digest = TokenDigest::of(token.expose());
             match callers.get(state, &digest, now_ms) {

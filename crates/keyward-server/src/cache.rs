@@ -406,6 +406,10 @@ impl VerifyCache {
         token: &str,
         now_ms: i64,
     ) -> Result<Option<Arc<Prepared>>, StoreError> {
+        // Longer than any token: not worth hashing (a header can hold hundreds of kilobytes).
+        if token.len() > keyward_core::token::MAX_TOKEN_LEN {
+            return Ok(None);
+        }
         self.lookup_digest(store, meter, token, TokenDigest::of(token), now_ms)
             .await
     }

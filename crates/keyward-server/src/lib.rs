@@ -279,7 +279,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     ops::prometheus();
     let state = AppState::new(config, store);
-    let flusher = tokio::spawn(flush_usage(state.clone()));
+    let (stop_flusher, stopped) = tokio::sync::watch::channel(false);
+    let flusher = tokio::spawn(flush_usage(state.clone(), stopped));
     let watcher = tokio::spawn(coherence::run(state.clone()));
     let make = MakeFront {
         router: app(state.clone()),
@@ -288,7 +289,10 @@ pub async fn serve(
     let served = axum::serve(listener, make)
         .with_graceful_shutdown(shutdown)
         .await;
-    flusher.abort();
+    // Stopped, not aborted: a flush in flight finishes (an abort could drop counts it had
+    // already taken from the keys), then the final flush below writes the rest.
+    let _ = stop_flusher.send(true);
+    let _ = flusher.await;
     watcher.abort();
     // The last counts of a graceful shutdown are written before the process goes.
     if let Err(e) = state.meter.flush(state.store.as_ref()).await {
@@ -300,13 +304,16 @@ pub async fn serve(
 
 /// Writes usage and aggregated decisions to the store every `usage_flush_interval`, and forgets
 /// throttle state that has refilled; `/metrics` shows the lag since the last successful flush.
-async fn flush_usage(state: AppState) {
+async fn flush_usage(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(state.config.usage_flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_ok = std::time::Instant::now();
     let mut ticks: u64 = 0;
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
         ticks += 1;
         match state.meter.flush(state.store.as_ref()).await {
             Ok(()) => last_ok = std::time::Instant::now(),

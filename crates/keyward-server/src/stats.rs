@@ -65,13 +65,13 @@ struct Mine(Arc<Block>);
 impl Drop for Mine {
     fn drop(&mut self) {
         let s = stats();
+        // Moved under the blocks' lock, which `totals` holds too: a sum never sees the counts
+        // both in the block and in `retired`.
+        let mut blocks = s.blocks.lock().unwrap_or_else(|e| e.into_inner());
         for (slot, c) in self.0 .0.iter().enumerate() {
             s.retired.0[slot].fetch_add(c.load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        s.blocks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|b| !Arc::ptr_eq(b, &self.0));
+        blocks.retain(|b| !Arc::ptr_eq(b, &self.0));
     }
 }
 
@@ -112,13 +112,14 @@ impl Stats {
     }
 
     fn totals(&self) -> Vec<u64> {
+        let blocks = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
         let mut sums: Vec<u64> = self
             .retired
             .0
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .collect();
-        for b in self.blocks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for b in blocks.iter() {
             for (sum, c) in sums.iter_mut().zip(&b.0) {
                 *sum += c.load(Ordering::Relaxed);
             }

@@ -75,6 +75,9 @@ impl Counts {
 /// A key's quota counter for one period.
 #[derive(Debug)]
 struct QuotaCounter {
+    /// The kind of period counted: a key whose quota changes to another kind of period starts
+    /// again from the store's count for the new one.
+    period: QuotaPeriod,
     /// Unix ms; cached so the hot path compares integers instead of doing calendar maths.
     period_start_ms: i64,
     period_end_ms: i64,
@@ -136,10 +139,10 @@ impl Live {
         !self.counts.is_empty() || self.earlier.is_some() || self.last_used_ms != 0
     }
 
-    fn quota_current(&self, now_ms: i64) -> bool {
-        self.quota
-            .as_ref()
-            .is_some_and(|c| c.period_start_ms <= now_ms && now_ms < c.period_end_ms)
+    fn quota_current(&self, period: QuotaPeriod, now_ms: i64) -> bool {
+        self.quota.as_ref().is_some_and(|c| {
+            c.period == period && c.period_start_ms <= now_ms && now_ms < c.period_end_ms
+        })
     }
 
     fn gcra(&mut self, gcra: &Gcra, now_ns: i64) -> Decision {
@@ -346,8 +349,12 @@ impl Meter {
         now_ms: i64,
     ) -> Option<Admission> {
         let mut live = state.lock();
-        if key.quota.is_some() && (shared_store || !live.quota_current(now_ms)) {
-            return None;
+        match key.quota {
+            Some(q) if shared_store || !live.quota_current(q.period, now_ms) => return None,
+            // A quota removed: its counter would be stale if one is set again this period (the
+            // uses in between are counted in the store, which a new counter starts from).
+            None if live.quota.is_some() => live.quota = None,
+            _ => {}
         }
         let now_ns = now_ms.saturating_mul(1_000_000);
         // Lock order: a key's own state, then its bucket (a parent never takes a child's).
@@ -405,7 +412,7 @@ impl Meter {
         // The common case: the counter of this period is here; the key's lock takes the unit.
         let taken = {
             let mut live = state.lock();
-            let current = live.quota_current(now_ms);
+            let current = live.quota_current(q.period, now_ms);
             match live.quota.as_deref_mut() {
                 Some(c) if current => Some(take(c, key, q.limit, now_ms, &mut alerts)),
                 _ => None,
@@ -432,14 +439,16 @@ impl Meter {
             let (s, e) = (start.timestamp_millis(), end.timestamp_millis());
             let c = live.quota.get_or_insert_with(|| {
                 Box::new(QuotaCounter {
+                    period: q.period,
                     period_start_ms: s,
                     period_end_ms: e,
                     used: 0,
                     fired: BTreeSet::new(),
                 })
             });
-            if c.period_start_ms != s {
+            if c.period != q.period || c.period_start_ms != s {
                 **c = QuotaCounter {
+                    period: q.period,
                     period_start_ms: s,
                     period_end_ms: e,
                     used: stored + pending,
@@ -520,7 +529,7 @@ impl Meter {
             s.lock()
                 .quota
                 .as_ref()
-                .filter(|c| c.period_start_ms == start.timestamp_millis())
+                .filter(|c| c.period == q.period && c.period_start_ms == start.timestamp_millis())
                 .map(|c| c.used)
         });
         let used = match in_memory {

@@ -6,6 +6,7 @@ mod common;
 
 use chrono::Duration;
 use common::TestServer;
+use keyward_core::clock::Clock;
 use serde_json::{json, Value};
 
 async fn quota_agent(s: &TestServer, quota: Value, thresholds: Value) -> (String, String) {
@@ -70,6 +71,60 @@ async fn an_exhausted_quota_answers_429_until_the_period_ends() {
         .assert_error(429, "QUOTA_EXCEEDED");
     s.advance(Duration::minutes(1));
     s.get("/v1/me", &key).await.assert_status(200);
+}
+
+/// Waits until the store holds every use of `kid` up to its last one, made at the server's
+/// current time (on PostgreSQL a changed quota starts from the uses the store has counted).
+async fn flushed(s: &TestServer, kid: &str) {
+    let last = keyward_proto::ts::format(&s.clock.now());
+    eventually("the last use to be flushed", || async {
+        s.get(&format!("/v1/keys/{kid}"), &s.root_key).await.body["last_used_at"] == json!(last)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_quota_moved_to_a_longer_period_counts_the_uses_already_made_in_it() {
+    let s = TestServer::start().await;
+    let (kid, key) = quota_agent(&s, json!({"limit": 5, "period": "hour"}), json!([])).await;
+    // Four uses this hour, then one in the next (the hour's counter holds one).
+    for _ in 0..4 {
+        s.get("/v1/me", &key).await.assert_status(200);
+    }
+    s.advance(Duration::hours(1));
+    s.get("/v1/me", &key).await.assert_status(200);
+    flushed(&s, &kid).await;
+    // The same day has seen five uses: a daily quota of five is spent.
+    s.patch(
+        &format!("/v1/keys/{kid}"),
+        &s.root_key,
+        json!({"quota": {"limit": 5, "period": "day"}}),
+    )
+    .await
+    .assert_status(200);
+    s.get("/v1/me", &key)
+        .await
+        .assert_error(429, "QUOTA_EXCEEDED");
+}
+
+#[tokio::test]
+async fn a_quota_removed_and_set_again_counts_the_uses_made_without_it() {
+    let s = TestServer::start().await;
+    let (kid, key) = quota_agent(&s, json!({"limit": 3, "period": "day"}), json!([])).await;
+    s.get("/v1/me", &key).await.assert_status(200);
+    let path = format!("/v1/keys/{kid}");
+    let set = |q: Value| s.patch(&path, &s.root_key, json!({"quota": q}));
+    set(Value::Null).await.assert_status(200);
+    s.get("/v1/me", &key).await.assert_status(200);
+    s.advance(Duration::seconds(1));
+    s.get("/v1/me", &key).await.assert_status(200);
+    flushed(&s, &kid).await;
+    set(json!({"limit": 3, "period": "day"}))
+        .await
+        .assert_status(200);
+    s.get("/v1/me", &key)
+        .await
+        .assert_error(429, "QUOTA_EXCEEDED");
 }
 
 #[tokio::test]

@@ -949,6 +949,19 @@ impl Store for PostgresStore {
 
     async fn update_key(&self, k: &Key, audit: &AuditEvent) -> StoreResult<()> {
         let mut tx = self.begin().await?;
+        let quota = k.quota.as_ref().map(to_json).transpose()?;
+        // A quota set, changed or removed starts its counters again from the uses counted in
+        // the store: a counter kept from before would miss the uses made without it, or count a
+        // day with an hour's row.
+        sqlx::query(
+            "DELETE FROM quota_counters WHERE key_id = $1 AND EXISTS \
+             (SELECT 1 FROM keys WHERE id = $1 AND quota IS DISTINCT FROM $2)",
+        )
+        .bind(k.id.to_string())
+        .bind(&quota)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
         let cidrs = keyward_core::cidr::to_strings(&k.cidr_allowlist);
         let res = sqlx::query(
             "UPDATE keys SET name = $1, cidr_allowlist = $2, rate_limit = $3, quota = $4, \
@@ -958,7 +971,7 @@ impl Store for PostgresStore {
         .bind(&k.name)
         .bind(to_json(&cidrs)?)
         .bind(k.rate_limit.as_ref().map(to_json).transpose()?)
-        .bind(k.quota.as_ref().map(to_json).transpose()?)
+        .bind(&quota)
         .bind(to_json(&k.alert_thresholds)?)
         .bind(to_json(&k.metadata)?)
         .bind(opt_ms(k.deprecated_at))
@@ -1226,9 +1239,16 @@ impl Store for PostgresStore {
         }
         let mut tx = self.begin().await?;
         // One statement per kind of row (arrays that `UNNEST` unrolls), not one per row: a busy
-        // node uses thousands of keys a second. Rows are aggregated and touched in one fixed
-        // order (key, then hour) so two nodes flushing overlapping counters wait for each other
-        // instead of deadlocking, and a batch naming one row twice cannot update it twice.
+        // node uses thousands of keys a second. Rows are sorted once, globally, and each
+        // statement also aggregates and orders its own, so every flush locks rows in one fixed
+        // order (key, then hour) across all its statements: two nodes flushing overlapping
+        // counters wait for each other instead of deadlocking, and a batch naming one row twice
+        // cannot update it twice.
+        let mut deltas: Vec<&UsageDelta> = deltas.iter().collect();
+        // (A UUID's byte order is the order of its lowercase hex text, the `C`-collated key.)
+        deltas.sort_by_key(|d| (d.key_id, d.hour));
+        let mut last_used: Vec<&(Uuid, Timestamp)> = last_used.iter().collect();
+        last_used.sort_by_key(|(id, _)| *id);
         for chunk in deltas.chunks(USAGE_ROWS_PER_STATEMENT) {
             let key_ids: Vec<String> = chunk.iter().map(|d| d.key_id.to_string()).collect();
             let org_ids: Vec<String> = chunk.iter().map(|d| d.org_id.to_string()).collect();

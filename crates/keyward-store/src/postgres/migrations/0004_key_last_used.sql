@@ -9,4 +9,5 @@ CREATE TABLE key_last_used (
 INSERT INTO key_last_used (key_id, at)
     SELECT id, last_used_at FROM keys WHERE last_used_at IS NOT NULL;
 
-ALTER TABLE keys DROP COLUMN last_used_at;
+-- keys.last_used_at stays, unused, for one release: nodes of the previous version still running
+-- against a shared database (a rolling upgrade) read and write it. A later migration drops it.
