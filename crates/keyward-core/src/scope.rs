@@ -65,10 +65,12 @@ fn is_segment(s: &str) -> bool {
             .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'))
 }
 
-/// A validated scope such as `keys:derive`, `slack:*` or `*`.
+/// A validated scope such as `keys:derive`, `slack:*` or `*`. The text is shared (`Arc<str>`):
+/// cloning a scope never copies it, and the server's key cache keeps one copy of each scope
+/// text for all the keys that hold it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(try_from = "String")]
-pub struct Scope(String);
+pub struct Scope(std::sync::Arc<str>);
 
 impl Scope {
     /// Validates a scope string.
@@ -84,7 +86,7 @@ impl Scope {
             return Err(invalid("a scope is at most 256 characters"));
         }
         if s == "*" {
-            return Ok(Scope(s.to_owned()));
+            return Ok(Scope(s.into()));
         }
         let segments: Vec<&str> = s.split(':').collect();
         let last = segments.len() - 1;
@@ -97,12 +99,12 @@ impl Scope {
                 return Err(invalid("segments must match [a-z0-9_.-]+"));
             }
         }
-        Ok(Scope(s.to_owned()))
+        Ok(Scope(s.into()))
     }
 
     /// The scope `*`, which implies every scope (root keys default to it).
     pub fn all() -> Scope {
-        Scope("*".to_owned())
+        Scope("*".into())
     }
 
     /// The scope text.
@@ -117,7 +119,7 @@ impl Scope {
 
     /// Whether this single scope, on its own, implies `other`.
     fn implies_one(&self, other: &Scope) -> bool {
-        if self.0 == "*" || self.0 == other.0 {
+        if &*self.0 == "*" || self.0 == other.0 {
             return true;
         }
         // `x:*` covers exactly the scopes that start with `x:`, which includes the narrower
@@ -159,7 +161,7 @@ impl TryFrom<String> for Scope {
 
 impl From<Scope> for String {
     fn from(s: Scope) -> String {
-        s.0
+        s.0.to_string()
     }
 }
 

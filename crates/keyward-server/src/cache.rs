@@ -69,9 +69,10 @@ impl Default for CacheSettings {
 pub struct Prepared {
     pub key: Key,
     pub agent_status: Option<AgentStatus>,
-    /// Boxed slices rather than `String` and `Vec` here: with them the snapshot and its `Arc`
-    /// just fit mimalloc's 512-byte size class instead of taking 640 (128 MiB at a million keys).
-    pub agent_name: Option<Box<str>>,
+    /// Shared with the agent's other keys (see [`Texts`]); an `Arc<str>` and a boxed slice
+    /// rather than `String` and `Vec` here: with them the snapshot and its `Arc` just fit
+    /// mimalloc's 512-byte size class instead of taking 640 (128 MiB at a million keys).
+    pub agent_name: Option<Arc<str>>,
     /// Org rules, then the agent's.
     pub rules: Box<[Rule]>,
     /// The key's effective rate limit (its own, its tier's, or the org default), if any.
@@ -125,9 +126,59 @@ pub fn resolve_rate(key: &Key, policy: &OrgPolicy) -> Option<Gcra> {
     Gcra::new(spec.limit, spec.period_s, spec.burst)
 }
 
+/// One copy of each scope and agent-name text the cache's snapshots hold. An agent's keys
+/// usually share their scopes and always their agent's name; kept once, those texts stay in the
+/// processor's cache while verifications of different keys read them (each was a cache miss of
+/// its own, and 16 bytes or more of memory per key). Bounded: past `MAX` texts the table starts
+/// again (snapshots keep the texts they hold).
+#[derive(Default)]
+pub struct Texts {
+    scopes: Mutex<std::collections::HashSet<keyward_core::scope::Scope>>,
+    names: Mutex<std::collections::HashSet<Arc<str>>>,
+}
+
+impl Texts {
+    const MAX: usize = 100_000;
+
+    fn scope(&self, s: keyward_core::scope::Scope) -> keyward_core::scope::Scope {
+        let mut g = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(kept) = g.get(&s) {
+            return kept.clone();
+        }
+        if g.len() >= Self::MAX {
+            g.clear();
+        }
+        g.insert(s.clone());
+        s
+    }
+
+    fn name(&self, n: &str) -> Arc<str> {
+        let mut g = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(kept) = g.get(n) {
+            return kept.clone();
+        }
+        if g.len() >= Self::MAX {
+            g.clear();
+        }
+        let n: Arc<str> = n.into();
+        g.insert(n.clone());
+        n
+    }
+}
+
 impl Prepared {
-    /// Prepares a key read from the store, with its live state from `meter`.
-    pub fn from_store(found: KeyWithAgent, meter: &Meter, stamp: Stamp) -> Prepared {
+    /// Prepares a key read from the store, with its live state from `meter` and its texts
+    /// shared through `texts`.
+    pub fn from_store(
+        mut found: KeyWithAgent,
+        meter: &Meter,
+        texts: &Texts,
+        stamp: Stamp,
+    ) -> Prepared {
+        found.key.scopes = std::mem::take(&mut found.key.scopes)
+            .into_iter()
+            .map(|s| texts.scope(s))
+            .collect();
         let mut rules = found.org_policy.rules.clone();
         if let Some(p) = &found.agent_policy {
             // Agent policies are validated on write; a rule that no longer parses is skipped
@@ -147,7 +198,7 @@ impl Prepared {
             bucket,
             key: found.key,
             agent_status: found.agent_status,
-            agent_name: found.agent_name.map(String::into_boxed_str),
+            agent_name: found.agent_name.as_deref().map(|n| texts.name(n)),
             rules: rules.into_boxed_slice(),
             stamp,
         }
@@ -184,11 +235,12 @@ fn prepare(
     found: Option<KeyWithAgent>,
     digest: &TokenDigest,
     meter: &Meter,
+    texts: &Texts,
     stamp: Stamp,
 ) -> Option<Arc<Prepared>> {
     found
         .filter(|k| k.key.digest == *digest)
-        .map(|k| Arc::new(Prepared::from_store(k, meter, stamp)))
+        .map(|k| Arc::new(Prepared::from_store(k, meter, texts, stamp)))
 }
 
 /// Hashes a digest by its first eight bytes: a SHA-256 output is uniformly distributed already.
@@ -363,6 +415,8 @@ pub struct VerifyCache {
     /// Store reads in flight, by digest and the generation they started in: a request that
     /// arrives after an invalidation never joins a read that started before it.
     inflight: Mutex<rustc_hash::FxHashMap<(TokenDigest, u64), Arc<Inflight>>>,
+    /// Scope and agent-name texts shared by the snapshots.
+    texts: Texts,
 }
 
 impl std::fmt::Debug for VerifyCache {
@@ -384,6 +438,7 @@ impl VerifyCache {
             agent_capacity: (s.capacity as usize).clamp(1, 1_000_000),
             generation: AtomicU64::new(0),
             inflight: Mutex::new(Default::default()),
+            texts: Texts::default(),
         }
     }
 
@@ -485,6 +540,7 @@ impl VerifyCache {
                         found,
                         &digest,
                         meter,
+                        &self.texts,
                         self.found.stamp(generation, now_ms),
                     )),
                     Err(e) => Err((e.to_string(), matches!(e, StoreError::Unavailable(_)))),
@@ -528,6 +584,7 @@ impl VerifyCache {
                 store.find_key_by_digest(&digest).await?,
                 &digest,
                 meter,
+                &self.texts,
                 Stamp::default(),
             )
         } else {

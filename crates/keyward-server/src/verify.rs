@@ -481,7 +481,7 @@ mod tests {
             live: meter.state(key.id, key.org_id),
             bucket: None,
             agent_status: status,
-            agent_name: agent_name.map(Box::from),
+            agent_name: agent_name.map(Arc::from),
             rules: Box::default(),
             rate: None,
             stamp: Default::default(),
