@@ -305,7 +305,7 @@ pub async fn admit(
     p: &Prepared,
     admitted_as: Use,
     now_ms: i64,
-) -> (Option<RateHeaders>, Result<Option<QuotaUse>, ApiError>) {
+) -> (Option<RateHeaders>, Result<Option<QuotaUse>, Box<ApiError>>) {
     let remote_rate = p.rate.is_some()
         && matches!(
             state.config.rate_limit_backend,
@@ -347,7 +347,7 @@ pub async fn admit(
         let secs = ((d.retry_after_ns + 999_999_999) / 1_000_000_000).max(1) as u64;
         let mut e = ApiError::new(ErrorCode::RateLimited).details(json!({ "limit": gcra.limit }));
         e.retry_after = Some(secs);
-        (Some(headers), Err(e))
+        (Some(headers), Err(Box::new(e)))
     }
 }
 
@@ -387,7 +387,8 @@ async fn admit_through_store(
     let quota = state
         .meter
         .take_quota(state.store.as_ref(), &p.live, &p.key, now_ms)
-        .await;
+        .await
+        .map_err(Box::new);
     let outcome = match &quota {
         Ok(_) => admitted_as,
         Err(e) if e.code == ErrorCode::QuotaExceeded => Use::RateLimited,
@@ -644,7 +645,7 @@ async fn authenticate(
     // The traffic controls count the use themselves (allowed or rate-limited).
     let (rate, admitted) = admit(state, &prepared, Use::Allowed, now_ms).await;
     meta.rate = rate;
-    admitted?;
+    admitted.map_err(|e| *e)?;
     let caller = Caller {
         narrowed,
         prepared,

@@ -211,7 +211,9 @@ impl From<Exhausted> for ApiError {
 #[derive(Debug)]
 pub struct Admission {
     pub rate: Option<Decision>,
-    pub quota: Result<Option<QuotaUse>, ApiError>,
+    /// The refusal boxed: an admission is returned through every request, and an unboxed
+    /// error would triple its size.
+    pub quota: Result<Option<QuotaUse>, Box<ApiError>>,
 }
 
 /// What a flush took from one state: its counts by hour and its last use (0: none).
@@ -388,7 +390,7 @@ impl Meter {
         self.push_alerts(alerts);
         Some(Admission {
             rate: decision,
-            quota: quota.map_err(ApiError::from),
+            quota: quota.map_err(|e| Box::new(ApiError::from(e))),
         })
     }
 
