@@ -473,46 +473,23 @@ async fn main() -> Result<(), Failure> {
         // out of it; the table shows the median round and the range over rounds.
         let mut rounds: Vec<[Measured; 3]> = Vec::new();
         for _ in 0..args.rounds.max(1) {
-            let stat = measure(
-                pid,
-                drive(
-                    server.addr,
-                    None,
-                    conns,
-                    Some(secs),
-                    None,
-                    200,
-                    Arc::new(|_| get("/healthz", None)),
-                ),
-            )
-            .await?;
+            // One timed run of `make`'s requests over `conns` connections, all answered 200.
+            let timed = |make: Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>| {
+                measure(
+                    pid,
+                    drive(server.addr, None, conns, Some(secs), None, 200, make),
+                )
+            };
+            let stat = timed(Arc::new(|_| get("/healthz", None))).await?;
             let (r, t) = (root.clone(), tokens.clone());
-            let ver = measure(
-                pid,
-                drive(
-                    server.addr,
-                    None,
-                    conns,
-                    Some(secs),
-                    None,
-                    200,
-                    Arc::new(move |i| verify(&r, &t[(i * 7919) as usize % t.len()])),
-                ),
-            )
+            let ver = timed(Arc::new(move |i| {
+                verify(&r, &t[(i * 7919) as usize % t.len()])
+            }))
             .await?;
             let t = tokens.clone();
-            let me = measure(
-                pid,
-                drive(
-                    server.addr,
-                    None,
-                    conns,
-                    Some(secs),
-                    None,
-                    200,
-                    Arc::new(move |i| get("/v1/me", Some(&t[(i * 7919) as usize % t.len()]))),
-                ),
-            )
+            let me = timed(Arc::new(move |i| {
+                get("/v1/me", Some(&t[(i * 7919) as usize % t.len()]))
+            }))
             .await?;
             if std::env::var("KEYWARD_LOAD_DEBUG").is_ok() {
                 for (name, m) in [("static", &stat), ("verify", &ver), ("me", &me)] {
