@@ -451,7 +451,7 @@ pub async fn middleware(
     .await
 }
 
-/// A connection's copy of the snapshot its last caller authenticated with.
+/// A connection's copy of the snapshot its steady caller authenticates with.
 ///
 /// A service calls Keyward over a few connections with one key, so every request of a
 /// connection authenticates the same key. Answering it from the shared cache touches that
@@ -459,20 +459,44 @@ pub async fn middleware(
 /// that then bounce between cores. The connection keeps its own copy (its own allocation, with
 /// its own count; the live traffic state inside is still the key's one shared state), valid
 /// exactly as long as the cache entry it was copied from.
+///
+/// The copy is only made once a key authenticates twice in a row on the connection: a
+/// connection that carries many agents' keys (a proxy's) would otherwise copy a snapshot on
+/// every request and never use the copy.
 #[derive(Debug, Default)]
-pub struct CallerCache(std::sync::Mutex<Option<Arc<Prepared>>>);
+pub struct CallerCache(std::sync::Mutex<Callers>);
+
+#[derive(Debug, Default)]
+struct Callers {
+    copy: Option<Arc<Prepared>>,
+    /// The key of the previous request, when it was not `copy`'s.
+    last: Option<TokenDigest>,
+}
 
 impl CallerCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Callers> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn get(&self, state: &AppState, digest: &TokenDigest, now_ms: i64) -> Option<Arc<Prepared>> {
-        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        g.as_ref()
+        let g = self.lock();
+        g.copy
+            .as_ref()
             .filter(|p| p.key.digest == *digest && state.cache.is_current(p, now_ms))
             .cloned()
     }
 
-    fn put(&self, p: &Prepared) -> Arc<Prepared> {
-        let mine = Arc::new(p.clone());
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(mine.clone());
+    /// The snapshot to authenticate with, after a miss of [`CallerCache::get`]: the connection's
+    /// own copy of `shared` when its key also made the previous request, else `shared` itself.
+    fn put(&self, shared: Arc<Prepared>) -> Arc<Prepared> {
+        let mut g = self.lock();
+        if g.last.as_ref() != Some(&shared.key.digest) {
+            g.last = Some(shared.key.digest);
+            return shared;
+        }
+        let mine = Arc::new(Prepared::clone(&shared));
+        g.copy = Some(mine.clone());
+        g.last = None;
         mine
     }
 }
@@ -499,7 +523,9 @@ where
     let uri = req.uri().clone();
     let trace = trace_context(req.headers());
     let mut meta = Meta::default();
-    let mut resp = match authenticate(state, ip, callers, req, &trace, &mut meta).await {
+    // Boxed for the reason the front door boxes its handlers: it would otherwise sit inline in
+    // every future around it, copied whole as each is created.
+    let mut resp = match Box::pin(authenticate(state, ip, callers, req, &trace, &mut meta)).await {
         Ok((req, caller)) => next(req, caller).await,
         Err(e) => e.into_response(),
     };
@@ -629,7 +655,7 @@ async fn authenticate(
                         )
                         .await?
                         .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey))?;
-                    callers.put(&shared)
+                    callers.put(shared)
                 }
             }
         }

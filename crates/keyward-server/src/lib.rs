@@ -334,3 +334,35 @@ async fn flush_usage(state: AppState, mut stop: tokio::sync::watch::Receiver<boo
             .set(state.cache.coherence.lag_ms() as f64 / 1000.0);
     }
 }
+
+/// The size of the future an `async fn` returns, without calling it: `future_size!(f, A, B)`
+/// for an `f` taking an `A` and a `B`. For tests that keep the hot path's futures small.
+#[cfg(test)]
+pub(crate) mod future_size {
+    pub trait ReturnSize<Args> {
+        fn return_size(&self) -> usize;
+    }
+    macro_rules! impl_return_size {
+        ($($t:ident),*) => {
+            impl<F, R, $($t),*> ReturnSize<($($t,)*)> for F where F: Fn($($t),*) -> R {
+                fn return_size(&self) -> usize {
+                    std::mem::size_of::<R>()
+                }
+            }
+        };
+    }
+    impl_return_size!(A);
+    impl_return_size!(A, B);
+    impl_return_size!(A, B, C);
+    impl_return_size!(A, B, C, D);
+    impl_return_size!(A, B, C, D, E);
+    impl_return_size!(A, B, C, D, E, G);
+
+    #[macro_export]
+    #[doc(hidden)]
+    macro_rules! future_size {
+        ($f:expr, $($t:ty),*) => {
+            $crate::future_size::ReturnSize::<($($t,)*)>::return_size(&$f)
+        };
+    }
+}

@@ -248,6 +248,43 @@ async fn a_revoked_key_is_401_revoked_api_key_everywhere_including_me() {
         .assert_error(401, "REVOKED_API_KEY");
 }
 
+/// A connection keeps its own copy of the snapshot of a key that authenticates on it again and
+/// again; the copy must go stale with the cache entry it came from.
+#[tokio::test]
+async fn a_key_used_over_and_over_on_one_connection_is_refused_at_once_when_revoked() {
+    let s = TestServer::start().await;
+    let (_, key, k) = s
+        .create_agent("steady", json!({"slack": ["chat:write"]}))
+        .await;
+    // One connection for everything (the requests are sequential on one pooled connection):
+    // the key's requests in a row (the front door's `GET /v1/me` keeps the copy), the root
+    // key's writes in between.
+    for _ in 0..3 {
+        s.get("/v1/me", &k).await.assert_status(200);
+    }
+    let path = format!("/v1/keys/{}", id(&key));
+    s.patch(
+        &path,
+        &s.root_key,
+        json!({"cidr_allowlist": ["10.0.0.0/8"]}),
+    )
+    .await
+    .assert_status(200);
+    s.get("/v1/me", &k)
+        .await
+        .assert_error(403, "IP_NOT_ALLOWED");
+    s.patch(&path, &s.root_key, json!({"cidr_allowlist": []}))
+        .await
+        .assert_status(200);
+    for _ in 0..3 {
+        s.get("/v1/me", &k).await.assert_status(200);
+    }
+    revoke(&s, &id(&key)).await;
+    s.get("/v1/me", &k)
+        .await
+        .assert_error(401, "REVOKED_API_KEY");
+}
+
 #[tokio::test]
 async fn revoked_is_checked_before_expired() {
     let s = TestServer::start().await;
