@@ -580,6 +580,9 @@ where
     resp
 }
 
+/// The longest a throttled address's refusal is held back.
+const THROTTLED_DELAY_MAX: std::time::Duration = std::time::Duration::from_millis(250);
+
 fn failed_auth_gcra(state: &AppState) -> Option<keyward_core::gcra::Gcra> {
     let spec = state.config.failed_auth_limit?;
     keyward_core::gcra::Gcra::new(spec.limit, spec.period_s, spec.burst)
@@ -627,6 +630,13 @@ async fn authenticate(
             let mut e = ApiError::new(ErrorCode::RateLimited)
                 .msg("Too many failed authentications from this address");
             e.retry_after = Some(((wait_ns + 999_999_999) / 1_000_000_000).max(1) as u64);
+            // The refusal is held back until the address may try again (at most
+            // `THROTTLED_DELAY_MAX`): a client that ignores `Retry-After` and asks again at once,
+            // as a flood does, then waits on its own connections instead of taking the
+            // server's CPU from everyone else (a held request is a timer, not work).
+            let hold =
+                std::time::Duration::from_nanos(wait_ns.max(0) as u64).min(THROTTLED_DELAY_MAX);
+            tokio::time::sleep(hold).await;
             return Err(e);
         }
     }

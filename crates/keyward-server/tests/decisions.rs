@@ -129,8 +129,14 @@ async fn an_address_that_keeps_failing_is_throttled_then_recovers() {
             .assert_error(401, "INVALID_API_KEY");
     }
     // The fourth attempt from this address is refused before the token is looked at; so is a
-    // valid key from the same address, for a second.
+    // valid key from the same address, for a second. The refusal is held back (up to 250 ms)
+    // so that a client that asks again at once slows itself down, not the server.
+    let asked = std::time::Instant::now();
     let r = s.get("/v1/me", bogus).await;
+    assert!(
+        asked.elapsed() >= std::time::Duration::from_millis(250),
+        "a throttled refusal is held back"
+    );
     r.assert_error(429, "RATE_LIMITED");
     assert_eq!(r.body["error"]["retry_after"], 1);
     s.get("/v1/me", &key)
