@@ -123,7 +123,7 @@ pub(crate) fn row_to_agent<R: Columns>(row: &R) -> StoreResult<Agent> {
     })
 }
 
-pub(crate) fn row_to_key<R: Columns>(row: &R) -> StoreResult<Key> {
+pub(crate) fn row_to_key<R: Columns + ?Sized>(row: &R) -> StoreResult<Key> {
     let scopes: Vec<String> = from_json(&get::<String>(row, "scopes")?, "key scopes")?;
     let scopes = scopes
         .iter()

@@ -12,6 +12,8 @@
 //! write lock up front and waits on `busy_timeout` rather than failing mid-transaction. Reads use
 //! a separate pool and never block on the writer thanks to WAL.
 
+mod hot;
+
 use std::borrow::Cow;
 use std::path::Path;
 use std::time::Duration;
@@ -79,6 +81,7 @@ fn migrator() -> Migrator {
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    hot: std::sync::Arc<hot::HotReads>,
 }
 
 const KEY_COLS: &str =
@@ -122,7 +125,11 @@ impl SqliteStore {
             .connect_with(base.read_only(true))
             .await
             .map_err(map_err)?;
-        Ok(SqliteStore { writer, reader })
+        Ok(SqliteStore {
+            writer,
+            reader,
+            hot: std::sync::Arc::new(hot::HotReads::new(path.to_path_buf())),
+        })
     }
 
     async fn begin(&self) -> StoreResult<Transaction<'static, Sqlite>> {
@@ -131,6 +138,35 @@ impl SqliteStore {
             .await
             .map_err(map_err)
     }
+}
+
+/// A key with its agent's status, name and policy and its org's policy, by digest.
+static KEY_BY_DIGEST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {KEY_COLS}, a.status AS agent_status, a.name AS agent_name, \
+         a.policy AS agent_policy, \
+         o.policy AS org_policy FROM keys k JOIN orgs o ON o.id = k.org_id \
+         LEFT JOIN agents a ON a.id = k.agent_id WHERE k.digest = ?"
+    )
+});
+
+/// A row of [`KEY_BY_DIGEST`], from either of the paths that read it.
+fn key_with_agent<R: Columns + ?Sized>(row: &R) -> StoreResult<KeyWithAgent> {
+    let key = row_to_key(row)?;
+    let agent_status = get::<Option<String>>(row, "agent_status")?
+        .map(|s| AgentStatus::parse(&s).ok_or_else(|| corrupt("agent status")))
+        .transpose()?;
+    let agent_policy = get::<Option<String>>(row, "agent_policy")?
+        .map(|s| from_json(&s, "agent policy"))
+        .transpose()?;
+    let org_policy = from_json(&get::<String>(row, "org_policy")?, "org policy")?;
+    Ok(KeyWithAgent {
+        key,
+        agent_status,
+        agent_name: get(row, "agent_name")?,
+        agent_policy,
+        org_policy,
+    })
 }
 
 /// Maps sqlx errors to domain errors once, here.
@@ -330,8 +366,10 @@ async fn key_tx(tx: &mut Transaction<'static, Sqlite>, id: Uuid) -> StoreResult<
 
 #[async_trait]
 impl Store for SqliteStore {
-    /// Closes both pools; the last connection to close checkpoints the WAL into the main file.
+    /// Closes every connection, the writer's last: the last connection to close checkpoints the
+    /// WAL into the main file.
     async fn close(&self) {
+        self.hot.close();
         self.reader.close().await;
         self.writer.close().await;
     }
@@ -589,36 +627,16 @@ impl Store for SqliteStore {
     }
 
     async fn find_key_by_digest(&self, digest: &TokenDigest) -> StoreResult<Option<KeyWithAgent>> {
-        let row = sqlx::query(&format!(
-            "SELECT {KEY_COLS}, a.status AS agent_status, a.name AS agent_name, \
-             a.policy AS agent_policy, \
-             o.policy AS org_policy FROM keys k JOIN orgs o ON o.id = k.org_id \
-             LEFT JOIN agents a ON a.id = k.agent_id WHERE k.digest = ?"
-        ))
-        .bind(digest.as_bytes())
-        .fetch_optional(&self.reader)
-        .await
-        .map_err(map_err)?;
-        match row {
-            None => Ok(None),
-            Some(row) => {
-                let key = row_to_key(&row)?;
-                let agent_status = get::<Option<String>>(&row, "agent_status")?
-                    .map(|s| AgentStatus::parse(&s).ok_or_else(|| corrupt("agent status")))
-                    .transpose()?;
-                let agent_policy = get::<Option<String>>(&row, "agent_policy")?
-                    .map(|s| from_json(&s, "agent policy"))
-                    .transpose()?;
-                let org_policy = from_json(&get::<String>(&row, "org_policy")?, "org policy")?;
-                Ok(Some(KeyWithAgent {
-                    key,
-                    agent_status,
-                    agent_name: get(&row, "agent_name")?,
-                    agent_policy,
-                    org_policy,
-                }))
-            }
+        // The verification path's read: synchronous, unless it cannot be had now (see `hot`).
+        if let Some(found) = self.hot.key_by_digest(&KEY_BY_DIGEST, digest) {
+            return found;
         }
+        let row = sqlx::query(&KEY_BY_DIGEST)
+            .bind(digest.as_bytes())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(key_with_agent).transpose()
     }
 
     async fn list_keys(
@@ -1060,6 +1078,39 @@ impl Store for SqliteStore {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// Reads by digest go through the direct connections, and the answers are the suite's,
+    /// write after write (each read sees the last commit).
+    #[tokio::test]
+    async fn digest_reads_take_the_direct_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("k.db")).await.unwrap();
+        assert_eq!(store.hot.opened(), 0);
+        crate::conformance::find_key_by_digest_returns_the_key_and_its_agent_status(&store).await;
+        assert_eq!(store.hot.opened(), 1, "one thread read, on one connection");
+        store.close().await;
+        assert_eq!(store.hot.opened(), 0, "closed with the store");
+        assert!(
+            matches!(
+                store.find_key_by_digest(&TokenDigest([0; 32])).await,
+                Err(StoreError::Unavailable(_))
+            ),
+            "a closed store reads nothing"
+        );
+    }
+
+    /// With no direct connection to be had, reads by digest take the sqlx pool, with the same
+    /// answers.
+    #[tokio::test]
+    async fn digest_reads_fall_back_to_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let mut store = SqliteStore::open(&path).await.unwrap();
+        store.hot = std::sync::Arc::new(hot::HotReads::with_cap(path, 0));
+        crate::conformance::find_key_by_digest_returns_the_key_and_its_agent_status(&store).await;
+        assert_eq!(store.hot.opened(), 0);
+        store.close().await;
+    }
 
     /// A data dir from before `key_last_used` keeps every key's last use through the migration.
     #[tokio::test]

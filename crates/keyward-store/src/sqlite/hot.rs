@@ -1,0 +1,247 @@
+//! The read on the verification path, a key by its digest (a verify-cache miss), done on the
+//! calling thread through a small pool of plain `rusqlite` connections.
+//!
+//! Why not sqlx, like every other query: sqlx runs each SQLite connection on a thread of its
+//! own, so a query is two thread hand-offs (the request's task wakes the connection's thread,
+//! which wakes the task again). A point read of a database the OS has cached takes tens of
+//! microseconds; with verification misses arriving from many connections, the hand-offs
+//! around them were 40% of the server's CPU time in a profile (the scheduler's switch and
+//! wake-up paths) and most of a miss's latency. Reading here, synchronously, costs the one
+//! read: it holds its async worker for that read's duration, which is the price of any
+//! short CPU-bound step in a handler.
+//!
+//! A connection is taken from the pool for one query and put back; a thread that finds none
+//! free opens one, up to [`MAX_CONNECTIONS`] (one per thread that reads at once, so the cap is
+//! only reached with more worker threads than that). When none can be had, or SQLite reports
+//! the database busy, the caller falls back to the sqlx path, which waits.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use keyward_core::token::TokenDigest;
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+
+use crate::codec::Columns;
+use crate::{KeyWithAgent, StoreError, StoreResult};
+
+/// At most this many connections read at once on this path.
+const MAX_CONNECTIONS: usize = 16;
+
+/// How long a read waits for a lock SQLite holds briefly (a WAL checkpoint's) before falling
+/// back to the path that may wait longer without holding a worker.
+const BUSY_WAIT: Duration = Duration::from_millis(20);
+
+pub(super) struct HotReads {
+    path: PathBuf,
+    pool: Mutex<Pool>,
+    /// [`MAX_CONNECTIONS`], but for tests.
+    cap: usize,
+}
+
+impl std::fmt::Debug for HotReads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HotReads")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Pool {
+    idle: Vec<Connection>,
+    open: usize,
+    /// Closed with the store: no connection is handed out or kept any more.
+    closed: bool,
+}
+
+impl HotReads {
+    /// Reads `path` (a database the caller has opened and migrated); connections are opened
+    /// when first needed.
+    pub(super) fn new(path: PathBuf) -> HotReads {
+        HotReads::with_cap(path, MAX_CONNECTIONS)
+    }
+
+    /// With at most `cap` connections (none: every read takes the sqlx path).
+    pub(super) fn with_cap(path: PathBuf, cap: usize) -> HotReads {
+        HotReads {
+            path,
+            pool: Mutex::new(Pool::default()),
+            cap,
+        }
+    }
+
+    /// How many connections this path has open.
+    #[cfg(test)]
+    pub(super) fn opened(&self) -> usize {
+        self.pool().open
+    }
+
+    fn pool(&self) -> std::sync::MutexGuard<'_, Pool> {
+        // The pool is a list of idle connections: a panic elsewhere cannot leave it half-changed.
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A connection of the pool, or a new one; `None` when the pool is at its cap.
+    fn take(&self) -> Option<StoreResult<Connection>> {
+        {
+            let mut pool = self.pool();
+            if pool.closed {
+                return None;
+            }
+            if let Some(c) = pool.idle.pop() {
+                return Some(Ok(c));
+            }
+            if pool.open >= self.cap {
+                return None;
+            }
+            pool.open += 1;
+        }
+        let opened = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|c| c.busy_timeout(BUSY_WAIT).map(|()| c));
+        if opened.is_err() {
+            self.pool().open -= 1;
+        }
+        Some(opened.map_err(map_err))
+    }
+
+    fn put(&self, c: Connection) {
+        let mut pool = self.pool();
+        if pool.closed {
+            pool.open -= 1;
+            drop(pool);
+            drop(c);
+        } else {
+            pool.idle.push(c);
+        }
+    }
+
+    /// Closes every idle connection, and each busy one as it is returned; from now on every read
+    /// takes the sqlx path (closed too, so it fails as the rest of the store does). Called before
+    /// the sqlx pools close, so that the writer's connection is the last one and checkpoints
+    /// the WAL into the database file.
+    pub(super) fn close(&self) {
+        let idle = {
+            let mut pool = self.pool();
+            pool.closed = true;
+            pool.open -= pool.idle.len();
+            std::mem::take(&mut pool.idle)
+        };
+        drop(idle);
+    }
+
+    /// Runs `sql` (one `?`, the digest) and maps its row with `map`. `None`: this path could
+    /// not run it now (no connection to be had, or the database busy); ask the sqlx path.
+    pub(super) fn key_by_digest(
+        &self,
+        sql: &str,
+        digest: &TokenDigest,
+    ) -> Option<StoreResult<Option<KeyWithAgent>>> {
+        let conn = match self.take()? {
+            Ok(c) => c,
+            Err(e) => return Some(Err(e)),
+        };
+        let found = read(&conn, sql, digest);
+        if matches!(&found, Err(Failed::Sqlite(e)) if is_busy(e)) {
+            self.put(conn);
+            return None;
+        }
+        // A connection whose statement failed otherwise is dropped rather than reused.
+        match found {
+            Ok(v) => {
+                self.put(conn);
+                Some(Ok(v))
+            }
+            Err(Failed::Map(e)) => {
+                self.put(conn);
+                Some(Err(e))
+            }
+            Err(Failed::Sqlite(e)) => {
+                drop(conn);
+                let mut pool = self.pool();
+                pool.open -= 1;
+                Some(Err(map_err(e)))
+            }
+        }
+    }
+}
+
+enum Failed {
+    Sqlite(rusqlite::Error),
+    Map(StoreError),
+}
+
+fn read(
+    conn: &Connection,
+    sql: &str,
+    digest: &TokenDigest,
+) -> Result<Option<KeyWithAgent>, Failed> {
+    let mut stmt = conn.prepare_cached(sql).map_err(Failed::Sqlite)?;
+    // The mapping's own errors (a corrupt stored value) are not rusqlite's: carried out beside.
+    let mut mapped = None;
+    stmt.query_row([&digest.0[..]], |row| {
+        mapped = Some(super::key_with_agent(&Row(row)));
+        Ok(())
+    })
+    .optional()
+    .map_err(Failed::Sqlite)?;
+    mapped.transpose().map_err(Failed::Map)
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+fn map_err(e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(
+            rusqlite::ErrorCode::DatabaseBusy
+            | rusqlite::ErrorCode::DatabaseLocked
+            | rusqlite::ErrorCode::CannotOpen
+            | rusqlite::ErrorCode::SystemIoFailure,
+        ) => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+/// A rusqlite row read through the backends' [`Columns`].
+struct Row<'a, 'b>(&'a rusqlite::Row<'b>);
+
+impl Row<'_, '_> {
+    fn get<T: rusqlite::types::FromSql>(&self, col: &str) -> StoreResult<T> {
+        self.0
+            .get(col)
+            .map_err(|e| StoreError::Internal(format!("column {col}: {e}")))
+    }
+}
+
+impl Columns for Row<'_, '_> {
+    fn text(&self, col: &str) -> StoreResult<String> {
+        self.get(col)
+    }
+    fn opt_text(&self, col: &str) -> StoreResult<Option<String>> {
+        self.get(col)
+    }
+    fn int(&self, col: &str) -> StoreResult<i64> {
+        self.get(col)
+    }
+    fn opt_int(&self, col: &str) -> StoreResult<Option<i64>> {
+        self.get(col)
+    }
+    fn bytes(&self, col: &str) -> StoreResult<Vec<u8>> {
+        self.get(col)
+    }
+    fn opt_bytes(&self, col: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.get(col)
+    }
+    fn flag(&self, col: &str) -> StoreResult<bool> {
+        // SQLite has no BOOLEAN: 0 or 1.
+        Ok(self.int(col)? != 0)
+    }
+}
