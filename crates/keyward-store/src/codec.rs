@@ -20,8 +20,11 @@ pub(crate) trait Columns {
     fn opt_int(&self, col: &str) -> StoreResult<Option<i64>>;
     fn bytes(&self, col: &str) -> StoreResult<Vec<u8>>;
     fn opt_bytes(&self, col: &str) -> StoreResult<Option<Vec<u8>>>;
-    /// A boolean (a native BOOLEAN, or 0/1 where the backend has none).
-    fn flag(&self, col: &str) -> StoreResult<bool>;
+    /// A boolean: 0 or 1 where the backend has no BOOLEAN (SQLite); a backend with one
+    /// overrides this.
+    fn flag(&self, col: &str) -> StoreResult<bool> {
+        Ok(self.int(col)? != 0)
+    }
 }
 
 /// A value that can be read from a column, so mappers can write `get(row, "col")`.
@@ -123,7 +126,7 @@ pub(crate) fn row_to_agent<R: Columns>(row: &R) -> StoreResult<Agent> {
     })
 }
 
-pub(crate) fn row_to_key<R: Columns + ?Sized>(row: &R) -> StoreResult<Key> {
+pub(crate) fn row_to_key<R: Columns>(row: &R) -> StoreResult<Key> {
     let scopes: Vec<String> = from_json(&get::<String>(row, "scopes")?, "key scopes")?;
     let scopes = scopes
         .iter()

@@ -8,7 +8,9 @@
 //! around them were 40% of the server's CPU time in a profile (the scheduler's switch and
 //! wake-up paths) and most of a miss's latency. Reading here, synchronously, costs the one
 //! read: it holds its async worker for that read's duration, which is the price of any
-//! short CPU-bound step in a handler.
+//! short CPU-bound step in a handler. The cost of the choice: on a database the OS has not
+//! cached yet (a large one, just after a reboot), the first reads wait on the disk while they
+//! hold a worker.
 //!
 //! A connection is taken from the pool for one query and put back; a thread that finds none
 //! free opens one, up to [`MAX_CONNECTIONS`] (one per thread that reads at once, so the cap is
@@ -16,7 +18,7 @@
 //! the database busy, the caller falls back to the sqlx path, which waits.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use keyward_core::token::TokenDigest;
@@ -28,13 +30,15 @@ use crate::{KeyWithAgent, StoreError, StoreResult};
 /// At most this many connections read at once on this path.
 const MAX_CONNECTIONS: usize = 16;
 
-/// How long a read waits for a lock SQLite holds briefly (a WAL checkpoint's) before falling
-/// back to the path that may wait longer without holding a worker.
-const BUSY_WAIT: Duration = Duration::from_millis(20);
+/// A read never waits for a lock here (a WAL checkpoint's, held briefly): it falls back at once
+/// to the sqlx path, which waits without holding an async worker.
+const BUSY_WAIT: Duration = Duration::ZERO;
 
 pub(super) struct HotReads {
     path: PathBuf,
     pool: Mutex<Pool>,
+    /// Signalled when a connection closes after [`HotReads::close`].
+    drained: Condvar,
     /// [`MAX_CONNECTIONS`], but for tests.
     cap: usize,
 }
@@ -67,6 +71,7 @@ impl HotReads {
         HotReads {
             path,
             pool: Mutex::new(Pool::default()),
+            drained: Condvar::new(),
             cap,
         }
     }
@@ -104,6 +109,7 @@ impl HotReads {
         .and_then(|c| c.busy_timeout(BUSY_WAIT).map(|()| c));
         if opened.is_err() {
             self.pool().open -= 1;
+            self.drained.notify_all();
         }
         Some(opened.map_err(map_err))
     }
@@ -111,40 +117,40 @@ impl HotReads {
     fn put(&self, c: Connection) {
         let mut pool = self.pool();
         if pool.closed {
-            pool.open -= 1;
-            drop(pool);
             drop(c);
+            pool.open -= 1;
+            self.drained.notify_all();
         } else {
             pool.idle.push(c);
         }
     }
 
-    /// Closes every idle connection, and each busy one as it is returned; from now on every read
-    /// takes the sqlx path (closed too, so it fails as the rest of the store does). Called before
-    /// the sqlx pools close, so that the writer's connection is the last one and checkpoints
-    /// the WAL into the database file.
+    /// Closes every connection: the idle ones now, a busy one as its read returns it (this
+    /// waits for those: one read each, never waiting on a lock). From now on every read takes
+    /// the sqlx path (closed too, so it fails as the rest of the store does). Called before the
+    /// sqlx pools close, so that the writer's connection is the last one and checkpoints the WAL
+    /// into the database file.
     pub(super) fn close(&self) {
-        let idle = {
-            let mut pool = self.pool();
-            pool.closed = true;
-            pool.open -= pool.idle.len();
-            std::mem::take(&mut pool.idle)
-        };
-        drop(idle);
+        let mut pool = self.pool();
+        pool.closed = true;
+        pool.open -= pool.idle.len();
+        pool.idle.clear();
+        while pool.open > 0 {
+            pool = self.drained.wait(pool).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
-    /// Runs `sql` (one `?`, the digest) and maps its row with `map`. `None`: this path could
-    /// not run it now (no connection to be had, or the database busy); ask the sqlx path.
+    /// The key with this digest (the store's `KEY_BY_DIGEST`). `None`: this path could not
+    /// run it now (no connection to be had, or the database busy); ask the sqlx path.
     pub(super) fn key_by_digest(
         &self,
-        sql: &str,
         digest: &TokenDigest,
     ) -> Option<StoreResult<Option<KeyWithAgent>>> {
         let conn = match self.take()? {
             Ok(c) => c,
             Err(e) => return Some(Err(e)),
         };
-        let found = read(&conn, sql, digest);
+        let found = read(&conn, digest);
         if matches!(&found, Err(Failed::Sqlite(e)) if is_busy(e)) {
             self.put(conn);
             return None;
@@ -161,8 +167,8 @@ impl HotReads {
             }
             Err(Failed::Sqlite(e)) => {
                 drop(conn);
-                let mut pool = self.pool();
-                pool.open -= 1;
+                self.pool().open -= 1;
+                self.drained.notify_all();
                 Some(Err(map_err(e)))
             }
         }
@@ -174,12 +180,10 @@ enum Failed {
     Map(StoreError),
 }
 
-fn read(
-    conn: &Connection,
-    sql: &str,
-    digest: &TokenDigest,
-) -> Result<Option<KeyWithAgent>, Failed> {
-    let mut stmt = conn.prepare_cached(sql).map_err(Failed::Sqlite)?;
+fn read(conn: &Connection, digest: &TokenDigest) -> Result<Option<KeyWithAgent>, Failed> {
+    let mut stmt = conn
+        .prepare_cached(&super::KEY_BY_DIGEST)
+        .map_err(Failed::Sqlite)?;
     // The mapping's own errors (a corrupt stored value) are not rusqlite's: carried out beside.
     let mut mapped = None;
     stmt.query_row([&digest.0[..]], |row| {
@@ -240,8 +244,39 @@ impl Columns for Row<'_, '_> {
     fn opt_bytes(&self, col: &str) -> StoreResult<Option<Vec<u8>>> {
         self.get(col)
     }
-    fn flag(&self, col: &str) -> StoreResult<bool> {
-        // SQLite has no BOOLEAN: 0 or 1.
-        Ok(self.int(col)? != 0)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// `close` returns only once a connection in use has come back and been closed, so the
+    /// store's writer can close last; nothing is handed out afterwards.
+    #[test]
+    fn close_waits_for_a_connection_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x INTEGER);")
+            .unwrap();
+        let hot = Arc::new(HotReads::new(path));
+        let in_use = hot.take().unwrap().unwrap();
+        assert_eq!(hot.opened(), 1);
+        let returner = {
+            let hot = Arc::clone(&hot);
+            std::thread::spawn(move || {
+                // Long enough for `close` to be waiting (if it returned early, the count below
+                // would still be 1).
+                std::thread::sleep(Duration::from_millis(50));
+                hot.put(in_use);
+            })
+        };
+        hot.close();
+        assert_eq!(hot.opened(), 0, "close waited for the connection in use");
+        assert!(hot.take().is_none(), "a closed pool hands nothing out");
+        returner.join().unwrap();
     }
 }
