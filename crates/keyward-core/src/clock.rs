@@ -84,10 +84,10 @@ impl TscWall {
     /// Calibrates the counter (under a millisecond here) and reads the first anchor.
     pub fn new() -> TscWall {
         let clock = quanta::Clock::new();
-        let raw = clock.raw();
+        let (raw, ns) = anchor(&clock);
         TscWall {
             anchor_raw: AtomicU64::new(raw),
-            anchor_ns: AtomicI64::new(system_ns()),
+            anchor_ns: AtomicI64::new(ns),
             clock,
             seq: AtomicU64::new(0),
             replacing: AtomicBool::new(false),
@@ -125,8 +125,7 @@ impl TscWall {
         if self.replacing.swap(true, Ordering::Acquire) {
             return false;
         }
-        let raw = self.clock.raw();
-        let ns = system_ns();
+        let (raw, ns) = anchor(&self.clock);
         let s = self.seq.load(Ordering::Relaxed);
         self.seq.store(s.wrapping_add(1), Ordering::Relaxed);
         std::sync::atomic::fence(Ordering::Release);
@@ -136,6 +135,32 @@ impl TscWall {
         self.replacing.store(false, Ordering::Release);
         true
     }
+}
+
+/// A counter reading and the system clock's time at that reading. The two are read one after
+/// the other, so the system clock is read between two counter readings, and a pair whose
+/// readings are far apart (the thread was descheduled in between) is read again: an anchor
+/// taken across a pause would put every answer off by the pause for the anchor's second.
+fn anchor(clock: &quanta::Clock) -> (u64, i64) {
+    /// A system-clock read takes well under a microsecond; this much means an interruption.
+    const CLOSE_NS: u64 = 20_000;
+    let mut best = None;
+    for _ in 0..8 {
+        let before = clock.raw();
+        let ns = system_ns();
+        let after = clock.raw();
+        let gap = clock.delta_as_nanos(before, after);
+        // The system clock was read somewhere between the two: credit it to their midpoint.
+        let mid = before.wrapping_add(after.wrapping_sub(before) / 2);
+        if gap <= CLOSE_NS {
+            return (mid, ns);
+        }
+        if best.is_none_or(|(g, _, _)| gap < g) {
+            best = Some((gap, mid, ns));
+        }
+    }
+    best.map(|(_, raw, ns)| (raw, ns))
+        .unwrap_or_else(|| (clock.raw(), system_ns()))
 }
 
 /// The instant `ms` Unix milliseconds name; out of chrono's range, the nearest end of it.
@@ -258,8 +283,8 @@ mod tests {
         let ms = c.now_ms();
         let after = c.now().timestamp_millis();
         // The counter clock may sit a few microseconds either side of the system clock (its
-        // anchor is read just after the counter), so at a millisecond boundary it can name the
-        // neighbouring millisecond.
+        // anchor pairs a counter reading with a system-clock one), so at a millisecond boundary
+        // it can name the neighbouring millisecond.
         assert!(
             before - 1 <= ms && ms <= after + 1,
             "{before} <= {ms} <= {after} (±1)"

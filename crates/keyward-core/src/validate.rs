@@ -134,10 +134,11 @@ thread_local! {
     });
 }
 
-/// 80 bits from a per-thread SplitMix64 seeded by the OS CSPRNG. Request IDs must be unique, not
-/// unpredictable, and a `getrandom` call per request cost 0.5 us here (a system call on every
-/// request, in a VM); 80 bits from a well-seeded generator collide with probability 2^-40 only
-/// after a trillion IDs.
+/// 80 bits of output from a per-thread SplitMix64 (64 bits of state) seeded by the OS CSPRNG.
+/// Request IDs must be unique, not unpredictable, and a `getrandom` call per request cost 0.5 us
+/// here (a system call on every request, in a VM). One thread's generator never repeats within
+/// 2^64 IDs; two threads' sequences, from independent 64-bit seeds, overlap with probability
+/// about n^2 / 2^64 over n IDs.
 fn fast_80_bits() -> u128 {
     SPLITMIX.with(|s| {
         let next = || {

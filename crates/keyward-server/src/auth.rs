@@ -479,11 +479,17 @@ impl CallerCache {
     }
 
     fn get(&self, state: &AppState, digest: &TokenDigest, now_ms: i64) -> Option<Arc<Prepared>> {
-        let g = self.lock();
-        g.copy
+        let mut g = self.lock();
+        let hit = g
+            .copy
             .as_ref()
             .filter(|p| p.key.digest == *digest && state.cache.is_current(p, now_ms))
-            .cloned()
+            .cloned();
+        if hit.is_some() {
+            // The copy's key made this request: another key must now repeat to replace it.
+            g.last = None;
+        }
+        hit
     }
 
     /// The snapshot to authenticate with, after a miss of [`CallerCache::get`]: the connection's
@@ -583,6 +589,34 @@ where
 /// The longest a throttled address's refusal is held back.
 const THROTTLED_DELAY_MAX: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// At most this many refusals are held back at once (each is a parked request: a timer and its
+/// future); beyond it, refusals are answered at once. Bounds what held requests can cost when
+/// many connections (or HTTP/2 streams) are throttled together.
+const THROTTLED_HELD_MAX: usize = 4096;
+
+/// One refusal being held back, counted in [`THROTTLED_HELD_MAX`] until dropped (also when the
+/// client goes away mid-hold and its request future is dropped).
+struct Held;
+
+static HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Held {
+    fn enter() -> Option<Held> {
+        use std::sync::atomic::Ordering;
+        HELD.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < THROTTLED_HELD_MAX).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Held)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        HELD.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 fn failed_auth_gcra(state: &AppState) -> Option<keyward_core::gcra::Gcra> {
     let spec = state.config.failed_auth_limit?;
     keyward_core::gcra::Gcra::new(spec.limit, spec.period_s, spec.burst)
@@ -636,18 +670,18 @@ async fn authenticate(
             // server's CPU from everyone else (a held request is a timer, not work).
             let hold =
                 std::time::Duration::from_nanos(wait_ns.max(0) as u64).min(THROTTLED_DELAY_MAX);
-            tokio::time::sleep(hold).await;
+            if let Some(_held) = Held::enter() {
+                tokio::time::sleep(hold).await;
+            }
             return Err(e);
         }
     }
     let token = credential(req.headers())?;
     let prepared = match callers {
         None => lookup(state, token.expose(), now_ms).await?,
-        Some(_) if token.expose().len() > keyward_core::token::MAX_TOKEN_LEN => {
-            return Err(ApiError::new(ErrorCode::InvalidApiKey));
-        }
         Some(callers) => {
-            let digest = TokenDigest::of(token.expose());
+            let digest = crate::cache::VerifyCache::digest_of(token.expose())
+                .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey))?;
             match callers.get(state, &digest, now_ms) {
                 Some(p) => {
                     stats().add(Hot::CacheHit);

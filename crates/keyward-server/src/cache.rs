@@ -461,12 +461,17 @@ impl VerifyCache {
         token: &str,
         now_ms: i64,
     ) -> Result<Option<Arc<Prepared>>, StoreError> {
-        // Longer than any token: not worth hashing (a header can hold hundreds of kilobytes).
-        if token.len() > keyward_core::token::MAX_TOKEN_LEN {
+        let Some(digest) = VerifyCache::digest_of(token) else {
             return Ok(None);
-        }
-        self.lookup_digest(store, meter, token, TokenDigest::of(token), now_ms)
+        };
+        self.lookup_digest(store, meter, token, digest, now_ms)
             .await
+    }
+
+    /// The digest to look `token` up by, or `None` for a string longer than any token (not
+    /// worth hashing: a header can hold hundreds of kilobytes), which is never a key.
+    pub fn digest_of(token: &str) -> Option<TokenDigest> {
+        (token.len() <= keyward_core::token::MAX_TOKEN_LEN).then(|| TokenDigest::of(token))
     }
 
     /// [`VerifyCache::lookup`] for a token whose digest the caller has computed already.

@@ -204,15 +204,8 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let is_json = req
-            .headers()
-            .get(axum::http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| {
-                ct.trim_start()
-                    .to_ascii_lowercase()
-                    .starts_with("application/json")
-            });
+        // The same content-type rule as `ApiJson`'s.
+        let is_json = is_json(req.headers());
         let bytes = match axum::body::Bytes::from_request(req, state).await {
             Ok(b) => b,
             Err(rej) if rej.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {

@@ -291,8 +291,16 @@ pub async fn serve(
         .await;
     // Stopped, not aborted: a flush in flight finishes (an abort could drop counts it had
     // already taken from the keys), then the final flush below writes the rest.
+    // A store that hangs must not hang shutdown with it: after a bound, the flush is given up.
     let _ = stop_flusher.send(true);
-    let _ = flusher.await;
+    let flusher_abort = flusher.abort_handle();
+    if tokio::time::timeout(std::time::Duration::from_secs(10), flusher)
+        .await
+        .is_err()
+    {
+        tracing::warn!("usage flush still running after 10 s at shutdown; giving up on it");
+        flusher_abort.abort();
+    }
     watcher.abort();
     // The last counts of a graceful shutdown are written before the process goes.
     if let Err(e) = state.meter.flush(state.store.as_ref()).await {

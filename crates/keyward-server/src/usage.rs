@@ -404,7 +404,12 @@ impl Meter {
         key: &Key,
         now_ms: i64,
     ) -> Result<Option<QuotaUse>, ApiError> {
-        let Some(q) = key.quota else { return Ok(None) };
+        let Some(q) = key.quota else {
+            // The Redis path comes here without `try_admit`: forget a removed quota's counter
+            // here too.
+            state.lock().quota = None;
+            return Ok(None);
+        };
         if store.is_shared() {
             return self
                 .take_shared(store, key, q.limit, q.period, now_ms)

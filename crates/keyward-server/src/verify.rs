@@ -93,8 +93,11 @@ async fn decide(
     if let Err(d) = check_key(key, p.agent_status, client_ip, now_ms, false) {
         return Decided::denied(crate::auth::denial_error(d).code);
     }
-    if let Err(code) = Box::pin(signature(state, p, body, now_ms)).await {
-        return Decided::denied(code);
+    // Boxed (out of every verification's future), and only for a key that signs.
+    if key.requires_signature {
+        if let Err(code) = Box::pin(signature(state, p, body, now_ms)).await {
+            return Decided::denied(code);
+        }
     }
     // Facts are only built when a rule needs them, scopes only copied when narrowed.
     let facts = || RequestFacts {
