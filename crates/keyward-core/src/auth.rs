@@ -54,10 +54,7 @@ pub fn check_key(
     if key.revoked_at.is_some() {
         return Err(Denial::RevokedApiKey);
     }
-    if key
-        .expires_at
-        .is_some_and(|e| e.timestamp_millis() <= now_ms)
-    {
+    if key.is_expired(now_ms) {
         return Err(Denial::ExpiredApiKey);
     }
     if !key.cidr_allowlist.is_empty() {

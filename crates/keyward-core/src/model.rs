@@ -493,9 +493,11 @@ impl Key {
         Ok((key, plaintext))
     }
 
-    /// Whether the key has passed its expiry at `now`.
-    pub fn is_expired(&self, now: Timestamp) -> bool {
-        self.expires_at.is_some_and(|e| e <= now)
+    /// Whether the key has passed its expiry at `now_ms` (Unix milliseconds, what the hot path
+    /// reads the clock as).
+    pub fn is_expired(&self, now_ms: i64) -> bool {
+        self.expires_at
+            .is_some_and(|e| e.timestamp_millis() <= now_ms)
     }
 }
 

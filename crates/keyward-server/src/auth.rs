@@ -576,7 +576,7 @@ where
                 }
             }
             if auth_failure && !meta.throttled {
-                if let Some(g) = failed_auth_gcra(state) {
+                if let Some(g) = state.failed_auth_gcra {
                     let now_ns = now.timestamp_nanos_opt().unwrap_or(i64::MAX);
                     state.auth_throttle.check(ip, &g, now_ns);
                 }
@@ -617,11 +617,6 @@ impl Drop for Held {
     }
 }
 
-fn failed_auth_gcra(state: &AppState) -> Option<keyward_core::gcra::Gcra> {
-    let spec = state.config.failed_auth_limit?;
-    keyward_core::gcra::Gcra::new(spec.limit, spec.period_s, spec.burst)
-}
-
 /// What the middleware learns while authenticating that every response reports.
 #[derive(Debug, Default)]
 struct Meta {
@@ -657,7 +652,7 @@ async fn authenticate(
     let now_ms = state.now_ms();
     // An address that keeps failing to authenticate is refused before its token is even
     // parsed, so guessing keys is slow and costs the server nothing.
-    if let Some(g) = failed_auth_gcra(state) {
+    if let Some(g) = state.failed_auth_gcra {
         let now_ns = now_ms.saturating_mul(1_000_000);
         if let Some(wait_ns) = state.auth_throttle.blocked_for(ip, &g, now_ns) {
             meta.throttled = true;

@@ -114,6 +114,8 @@ pub struct Shared {
     pub decisions: decisions::DecisionLog,
     /// Failed authentications per client IP.
     pub auth_throttle: limiter::Limiter<std::net::IpAddr>,
+    /// The failed-auth limit (`config.failed_auth_limit`) as a GCRA, built once.
+    pub failed_auth_gcra: Option<keyward_core::gcra::Gcra>,
 }
 
 impl AppState {
@@ -122,7 +124,11 @@ impl AppState {
         let shared = store.is_shared();
         // The first reading of the system clock's fast path calibrates it: before any request.
         config.clock.now_ms();
+        let failed_auth_gcra = config
+            .failed_auth_limit
+            .and_then(|l| keyward_core::gcra::Gcra::new(l.limit, l.period_s, l.burst));
         AppState(Arc::new(Shared {
+            failed_auth_gcra,
             store,
             clock: config.clock.clone(),
             cache: cache::VerifyCache::new(config.cache, shared),
