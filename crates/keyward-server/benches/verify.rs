@@ -144,13 +144,7 @@ fn bench(c: &mut Criterion) {
                 .await
                 .unwrap();
             keyward_core::auth::check_key(&p.key, p.agent_status, Some(ip), now_ms, false).unwrap();
-            let (_, admitted) = keyward_server::auth::admit(
-                &s.state,
-                &p,
-                keyward_server::usage::Use::Allowed,
-                now_ms,
-            )
-            .await;
+            let (_, admitted) = keyward_server::auth::admit(&s.state, &p, now_ms).await;
             admitted.unwrap();
             black_box(p)
         })
@@ -215,13 +209,7 @@ fn bench(c: &mut Criterion) {
         .unwrap();
     g.bench_function("part_admit", |b| {
         b.to_async(&rt).iter(|| async {
-            let (_, r) = keyward_server::auth::admit(
-                &s.state,
-                &prepared,
-                keyward_server::usage::Use::Allowed,
-                s.state.now_ms(),
-            )
-            .await;
+            let (_, r) = keyward_server::auth::admit(&s.state, &prepared, s.state.now_ms()).await;
             black_box(r.unwrap())
         })
     });

@@ -291,8 +291,9 @@ impl RateHeaders {
 }
 
 /// The traffic controls of API.md §6.2 and §6.3 for one request of `p` at `now_ms`: the rate
-/// limit, then the quota; the use is counted (as `admitted_as` when it passes, as rate-limited
-/// when either refuses).
+/// limit, then the quota; the use is counted (as allowed when it passes, as rate-limited when
+/// either refuses; a request refused later by the endpoint's own checks, such as its required
+/// scopes, still counts as allowed, as API.md §5 asks of a verification too).
 /// Answers the rate-limit headers to report (keys without a limit have none) and the quota
 /// state, or `429 RATE_LIMITED` / `QUOTA_EXCEEDED` with `retry_after`.
 ///
@@ -303,7 +304,6 @@ impl RateHeaders {
 pub async fn admit(
     state: &AppState,
     p: &Prepared,
-    admitted_as: Use,
     now_ms: i64,
 ) -> (Option<RateHeaders>, Result<Option<QuotaUse>, Box<ApiError>>) {
     let remote_rate = p.rate.is_some()
@@ -320,7 +320,6 @@ pub async fn admit(
             &p.key,
             p.rate.as_ref(),
             state.store.is_shared(),
-            admitted_as,
             now_ms,
         )
     };
@@ -328,7 +327,7 @@ pub async fn admit(
         Some(a) => a,
         // Boxed: its futures (Redis, the store) would otherwise make every request's future
         // kilobytes larger, and futures are moved by copying.
-        None => Box::pin(admit_through_store(state, p, admitted_as, now_ms)).await,
+        None => Box::pin(admit_through_store(state, p, now_ms)).await,
     };
     let now_ns = now_ms.saturating_mul(1_000_000);
     let (Some(gcra), Some(d)) = (p.rate, admission.rate) else {
@@ -353,12 +352,7 @@ pub async fn admit(
 
 /// [`admit`] when memory alone cannot decide: the rate limit through Redis (or the local
 /// fallback), the quota through the store.
-async fn admit_through_store(
-    state: &AppState,
-    p: &Prepared,
-    admitted_as: Use,
-    now_ms: i64,
-) -> Admission {
+async fn admit_through_store(state: &AppState, p: &Prepared, now_ms: i64) -> Admission {
     let now_ns = now_ms.saturating_mul(1_000_000);
     let local = p.bucket.as_deref().unwrap_or(&p.live);
     let rate = match p.rate {
@@ -390,7 +384,7 @@ async fn admit_through_store(
         .await
         .map_err(Box::new);
     let outcome = match &quota {
-        Ok(_) => admitted_as,
+        Ok(_) => Use::Allowed,
         Err(e) if e.code == ErrorCode::QuotaExceeded => Use::RateLimited,
         Err(_) => Use::Denied,
     };
@@ -708,7 +702,7 @@ async fn authenticate(
         }
     };
     // The traffic controls count the use themselves (allowed or rate-limited).
-    let (rate, admitted) = admit(state, &prepared, Use::Allowed, now_ms).await;
+    let (rate, admitted) = admit(state, &prepared, now_ms).await;
     meta.rate = rate;
     admitted.map_err(|e| *e)?;
     let caller = Caller {

@@ -335,8 +335,7 @@ impl Meter {
     /// The traffic controls of one request of a cached key, decided in memory: the local rate
     /// limit (on `bucket`, the parent's state for a derived key), the quota when its counter for
     /// this period is loaded, and the use count, all under the key's one lock. A use that passes
-    /// is counted as `admitted_as` (a verification that fails its required scopes after passing
-    /// the traffic controls counts as denied). `None`, with nothing taken or counted, when this
+    /// is counted as allowed. `None`, with nothing taken or counted, when this
     /// cannot be decided here: the key has a quota and the store is shared or its counter must be
     /// loaded first.
     #[allow(clippy::too_many_arguments)]
@@ -347,7 +346,6 @@ impl Meter {
         key: &Key,
         rate: Option<&Gcra>,
         shared_store: bool,
-        admitted_as: Use,
         now_ms: i64,
     ) -> Option<Admission> {
         let mut live = state.lock();
@@ -379,7 +377,7 @@ impl Meter {
         };
         live.count(
             if quota.is_ok() {
-                admitted_as
+                Use::Allowed
             } else {
                 Use::RateLimited
             },

@@ -133,16 +133,9 @@ async fn decide(
     if !p.rules.is_empty() && rules::first_denial(&p.rules, &facts()).is_some() {
         return Decided::denied(ErrorCode::PolicyDenied);
     }
-    // The required scopes are judged now but reported after the traffic controls (the order of
-    // a direct call); a use that passes them but lacks the scopes counts as denied.
-    let scoped = check_scopes(narrowed.as_deref().unwrap_or(&key.scopes), required)
-        .map_err(|_| ErrorCode::InsufficientScope);
-    let admitted_as = if scoped.is_ok() {
-        Use::Allowed
-    } else {
-        Use::Denied
-    };
-    let (rate, admitted) = admit(state, p, admitted_as, now_ms).await;
+    // The required scopes are judged after the traffic controls, the order of a direct call
+    // (whose endpoint checks its scope after the use was counted as allowed).
+    let (rate, admitted) = admit(state, p, now_ms).await;
     let quota = match admitted {
         Ok(q) => q,
         Err(e) => {
@@ -155,7 +148,8 @@ async fn decide(
         }
     };
     Decided {
-        result: scoped,
+        result: check_scopes(narrowed.as_deref().unwrap_or(&key.scopes), required)
+            .map_err(|_| ErrorCode::InsufficientScope),
         counted: true,
         rate,
         quota,

@@ -145,6 +145,37 @@ async fn verify_takes_from_the_verified_keys_quota_and_reports_it() {
         .assert_error(429, "QUOTA_EXCEEDED");
 }
 
+/// API.md §5: a verify counts "exactly like a direct call". A direct call that passes the traffic
+/// controls and then fails its endpoint's scope check counted as allowed and took a quota unit;
+/// a verification failing its `required_scopes` must count the same way, so the quota's `used`
+/// and the usage report's `allowed` agree (a counter rebuilt from the store must not forget it).
+#[tokio::test]
+async fn a_verify_failing_its_required_scopes_counts_like_a_direct_call_failing_its_scope() {
+    let s = TestServer::start().await;
+    let (key_id, key) = quota_agent(&s, json!({"limit": 10, "period": "day"}), json!([])).await;
+    let b = s
+        .post(
+            "/v1/keys/verify",
+            &s.root_key,
+            json!({"key": key, "required_scopes": ["github:repo:read"]}),
+        )
+        .await;
+    assert_eq!(b.body["code"], "INSUFFICIENT_SCOPE");
+    assert_eq!(b.body["quota"]["used"], 1);
+    // The direct call: the key lacks `usage:read`.
+    s.get(&format!("/v1/keys/{key_id}/usage"), &key)
+        .await
+        .assert_error(403, "INSUFFICIENT_SCOPE");
+    let usage = format!("/v1/keys/{key_id}/usage");
+    let report = s.get(&usage, &s.root_key).await;
+    let u = report.assert_status(200);
+    assert_eq!(
+        u["total"],
+        json!({"allowed": 2, "denied": 0, "rate_limited": 0})
+    );
+    assert_eq!(u["quota"]["used"], 2);
+}
+
 #[tokio::test]
 async fn each_alert_threshold_is_announced_once_per_period() {
     let s = TestServer::start().await;
