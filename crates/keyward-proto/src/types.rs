@@ -391,37 +391,72 @@ pub struct QuotaState {
 }
 
 /// `POST /v1/keys/verify` answer: always 200 for a well-formed request.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+///
+/// For a key the caller may see, every field is present (`null` when the key has none: no
+/// expiry, no quota, no rate limit, a root key's agent), as in API.md §5's example. For an
+/// unknown, malformed or other org's key (`key_id` is `None`) only `valid` and `code` are
+/// written, and nothing else is said.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct VerifyResponse {
     pub valid: bool,
     /// `VALID`, or the error code the key would get.
     pub code: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub key_id: Option<Uuid>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub agent_id: Option<Uuid>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub org_id: Option<Uuid>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub kind: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub environment: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub scopes: Option<Vec<String>>,
-    #[serde(
-        default,
-        with = "crate::ts::option",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "crate::ts::option")]
     pub expires_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub deprecated: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub ratelimit: Option<RateLimitState>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub quota: Option<QuotaState>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub agent: Option<VerifyAgent>,
+}
+
+impl Serialize for VerifyResponse {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        /// `expires_at` in the house timestamp format.
+        struct Ts<'a>(&'a Option<DateTime<Utc>>);
+        impl Serialize for Ts<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                crate::ts::option::serialize(self.0, s)
+            }
+        }
+        let Some(key_id) = &self.key_id else {
+            let mut m = s.serialize_map(Some(2))?;
+            m.serialize_entry("valid", &self.valid)?;
+            m.serialize_entry("code", &self.code)?;
+            return m.end();
+        };
+        let mut m = s.serialize_map(Some(13))?;
+        m.serialize_entry("valid", &self.valid)?;
+        m.serialize_entry("code", &self.code)?;
+        m.serialize_entry("key_id", key_id)?;
+        m.serialize_entry("agent_id", &self.agent_id)?;
+        m.serialize_entry("org_id", &self.org_id)?;
+        m.serialize_entry("kind", &self.kind)?;
+        m.serialize_entry("environment", &self.environment)?;
+        m.serialize_entry("scopes", &self.scopes)?;
+        m.serialize_entry("expires_at", &Ts(&self.expires_at))?;
+        m.serialize_entry("deprecated", &self.deprecated)?;
+        m.serialize_entry("ratelimit", &self.ratelimit)?;
+        m.serialize_entry("quota", &self.quota)?;
+        m.serialize_entry("agent", &self.agent)?;
+        m.end()
+    }
 }
 
 /// An audit event.

@@ -291,9 +291,10 @@ impl Verified {
         let key = &p.key;
         out.extend_from_slice(b",\"key_id\":");
         json_uuid(out, &key.id);
-        if let Some(a) = &key.agent_id {
-            out.extend_from_slice(b",\"agent_id\":");
-            json_uuid(out, a);
+        out.extend_from_slice(b",\"agent_id\":");
+        match &key.agent_id {
+            Some(a) => json_uuid(out, a),
+            None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"org_id\":");
         json_uuid(out, &key.org_id);
@@ -309,9 +310,10 @@ impl Verified {
             json_str(out, scope.as_str());
         }
         out.push(b']');
-        if let Some(t) = &key.expires_at {
-            out.extend_from_slice(b",\"expires_at\":");
-            json_str(out, &keyward_proto::ts::format(t));
+        out.extend_from_slice(b",\"expires_at\":");
+        match &key.expires_at {
+            Some(t) => json_str(out, &keyward_proto::ts::format(t)),
+            None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(if key.deprecated_at.is_some() {
             b",\"deprecated\":true"
@@ -327,6 +329,8 @@ impl Verified {
             out.extend_from_slice(b",\"reset\":");
             out.extend_from_slice(n.format(r.reset).as_bytes());
             out.push(b'}');
+        } else {
+            out.extend_from_slice(b",\"ratelimit\":null");
         }
         if let Some(q) = &self.quota {
             out.extend_from_slice(b",\"quota\":{\"limit\":");
@@ -338,6 +342,8 @@ impl Verified {
             out.extend_from_slice(b",\"resets_at\":");
             json_str(out, &keyward_proto::ts::format(&q.resets_at()));
             out.push(b'}');
+        } else {
+            out.extend_from_slice(b",\"quota\":null");
         }
         if let (Some(id), Some(name), Some(status)) = (&key.agent_id, &p.agent_name, p.agent_status)
         {
@@ -348,6 +354,8 @@ impl Verified {
             out.extend_from_slice(b",\"status\":");
             json_str(out, status.as_str());
             out.push(b'}');
+        } else {
+            out.extend_from_slice(b",\"agent\":null");
         }
         out.push(b'}');
     }

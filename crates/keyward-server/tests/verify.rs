@@ -97,7 +97,12 @@ async fn a_valid_key_verifies_as_valid_with_its_details() {
     assert_eq!(b["environment"], "live");
     assert_eq!(b["scopes"], key["scopes"]);
     assert_eq!(b["deprecated"], false);
-    assert!(b["expires_at"].is_null());
+    // API.md §5's example: what the key does not have is present as null, not left out.
+    let fields = b.as_object().unwrap();
+    for absent in ["expires_at", "quota", "ratelimit"] {
+        assert_eq!(fields.get(absent), Some(&Value::Null), "{absent} in {b}");
+    }
+    assert_eq!(fields.len(), 13, "every field of API.md §5: {b}");
     assert_eq!(
         b["agent"],
         json!({"id": agent["id"], "name": "worker", "status": "active"})
