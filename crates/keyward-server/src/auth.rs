@@ -572,7 +572,14 @@ where
             if auth_failure && !meta.throttled {
                 if let Some(g) = state.failed_auth_gcra {
                     let now_ns = now.timestamp_nanos_opt().unwrap_or(i64::MAX);
-                    state.auth_throttle.check(ip, &g, now_ns);
+                    let d = state.auth_throttle.check(ip, &g, now_ns);
+                    if !d.allowed {
+                        // Concurrent requests from this address all passed the check before
+                        // authenticating, and this failure is over its budget: it is answered
+                        // as throttled, so no address learns more 401s than its budget allows
+                        // however many requests it has in flight.
+                        resp = throttled(d.retry_after_ns).await.into_response();
+                    }
                 }
             }
         }
@@ -582,6 +589,26 @@ where
 
 /// The longest a throttled address's refusal is held back.
 const THROTTLED_DELAY_MAX: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The refusal of an address over the failed-auth throttle, which may try again in `wait_ns`.
+///
+/// It is held back until the address may try again (at most [`THROTTLED_DELAY_MAX`]): a client
+/// that ignores `Retry-After` and asks again at once, as a flood does, then waits on its own
+/// connections instead of taking the server's CPU from everyone else (a held request is a
+/// timer, not work). `Retry-After` is what is left of the wait after the hold.
+async fn throttled(wait_ns: i64) -> ApiError {
+    let wait = std::time::Duration::from_nanos(wait_ns.max(0) as u64);
+    let mut left = wait;
+    if let Some(_held) = Held::enter() {
+        let hold = wait.min(THROTTLED_DELAY_MAX);
+        tokio::time::sleep(hold).await;
+        left = wait - hold;
+    }
+    let mut e = ApiError::new(ErrorCode::RateLimited)
+        .msg("Too many failed authentications from this address");
+    e.retry_after = Some(left.as_secs_f64().ceil().max(1.0) as u64);
+    e
+}
 
 /// At most this many refusals are held back at once (each is a parked request: a timer and its
 /// future); beyond it, refusals are answered at once. Bounds what held requests can cost when
@@ -650,19 +677,7 @@ async fn authenticate(
         let now_ns = now_ms.saturating_mul(1_000_000);
         if let Some(wait_ns) = state.auth_throttle.blocked_for(ip, &g, now_ns) {
             meta.throttled = true;
-            let mut e = ApiError::new(ErrorCode::RateLimited)
-                .msg("Too many failed authentications from this address");
-            e.retry_after = Some(((wait_ns + 999_999_999) / 1_000_000_000).max(1) as u64);
-            // The refusal is held back until the address may try again (at most
-            // `THROTTLED_DELAY_MAX`): a client that ignores `Retry-After` and asks again at once,
-            // as a flood does, then waits on its own connections instead of taking the
-            // server's CPU from everyone else (a held request is a timer, not work).
-            let hold =
-                std::time::Duration::from_nanos(wait_ns.max(0) as u64).min(THROTTLED_DELAY_MAX);
-            if let Some(_held) = Held::enter() {
-                tokio::time::sleep(hold).await;
-            }
-            return Err(e);
+            return Err(throttled(wait_ns).await);
         }
     }
     let token = credential(req.headers())?;

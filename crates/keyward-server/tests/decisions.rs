@@ -103,10 +103,12 @@ async fn failed_verifications_are_audited_and_successful_ones_counted_in_usage()
     assert_eq!(events[0]["outcome"], "denied");
     assert_eq!(events[0]["error_code"], "INSUFFICIENT_SCOPE");
     assert_eq!(events[0]["details"]["count"], 2);
-    // The successes are in the key's usage (3 allowed), the failures as denied.
+    // All five passed the traffic controls, so all five count in the key's usage as allowed,
+    // as a direct call that fails its endpoint's scope check after them does (API.md §1 order,
+    // §5 "exactly like a direct call"); the failures are told apart by the audit event above.
     let usage = s.get(&format!("/v1/keys/{kid}/usage"), &s.root_key).await;
-    assert_eq!(usage.body["total"]["allowed"], 3);
-    assert_eq!(usage.body["total"]["denied"], 2);
+    assert_eq!(usage.body["total"]["allowed"], 5);
+    assert_eq!(usage.body["total"]["denied"], 0);
 }
 
 #[tokio::test]
@@ -180,4 +182,48 @@ async fn well_formed_unknown_tokens_count_against_the_throttle_too() {
             "RATE_LIMITED"
         ]
     );
+}
+
+/// The throttle's budget holds however many requests an address has in flight: they all pass
+/// the check at the start together, but a failure over the budget is answered as throttled, so
+/// no more 401s are ever answered than the budget allows (the manual clock does not move, so
+/// nothing refills). On PostgreSQL each unknown token's lookup awaits the database, so the
+/// requests overlap: without the check at the end, all 64 were answered 401. (On SQLite the
+/// lookup runs on the calling thread and rarely overlaps, so there the test seldom could fail.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_failures_from_one_address_get_no_more_than_the_budget() {
+    let s = TestServer::start_configured(|c| {
+        c.failed_auth_limit = Some(RateLimitSpec {
+            limit: 60,
+            period_s: 60,
+            burst: 3,
+        });
+    })
+    .await;
+    let tokens: Vec<String> = (0..64)
+        .map(|_| {
+            keyward_core::token::generate(
+                keyward_core::token::Environment::Live,
+                keyward_core::token::TokenKind::Agent,
+            )
+            .unwrap()
+            .expose()
+            .to_string()
+        })
+        .collect();
+    let calls = tokens.iter().map(|t| s.get("/v1/me", t));
+    let results = futures_util::future::join_all(calls).await;
+    let invalid = results
+        .iter()
+        .filter(|r| r.code() == "INVALID_API_KEY")
+        .count();
+    let throttled = results
+        .iter()
+        .filter(|r| r.status == 429 && r.code() == "RATE_LIMITED")
+        .count();
+    assert_eq!(invalid, 3, "the burst, and no more");
+    assert_eq!(throttled, 61);
+    for r in results.iter().filter(|r| r.status == 429) {
+        assert!(r.body["error"]["retry_after"].as_u64().unwrap() >= 1);
+    }
 }
