@@ -217,6 +217,59 @@ async fn each_alert_threshold_is_announced_once_per_period() {
     .await;
 }
 
+/// A request whose clock reading is from just before a period boundary, arriving after another
+/// request started the new period, is counted in its own period; the new period's count stays
+/// exact (the counter is loaded again from the store and what is pending) and its threshold is
+/// announced once (the store keeps one announcement per threshold per period).
+#[tokio::test]
+async fn a_straggler_from_the_previous_period_leaves_the_new_periods_count_exact() {
+    let s = TestServer::start().await;
+    let (key_id, key) = quota_agent(&s, json!({"limit": 10, "period": "hour"}), json!([50])).await;
+    s.advance(Duration::hours(1));
+    for _ in 0..5 {
+        s.get("/v1/me", &key).await.assert_status(200);
+    }
+    s.advance(Duration::milliseconds(-1));
+    s.get("/v1/me", &key).await.assert_status(200);
+    s.advance(Duration::milliseconds(1));
+    for _ in 0..2 {
+        s.get("/v1/me", &key).await.assert_status(200);
+    }
+    let path = s.org_path(&format!(
+        "/audit?action=key.usage_threshold&key_id={key_id}"
+    ));
+    eventually("the threshold event", || async {
+        s.get(&path, &s.root_key).await.body["events"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty())
+    })
+    .await;
+    // Give later flushes the chance to (wrongly) write a second one.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let events = s.get(&path, &s.root_key).await.body["events"].clone();
+    assert_eq!(events.as_array().unwrap().len(), 1, "{events}");
+    // 7 of the new period's 10 are used; the straggler is in the hour before.
+    let used = s
+        .get(&format!("/v1/keys/{key_id}/usage"), &s.root_key)
+        .await;
+    assert_eq!(
+        used.body["quota"]["used"].as_u64().unwrap(),
+        7,
+        "{}",
+        used.body
+    );
+    let buckets = used.body["buckets"].as_array().unwrap();
+    assert_eq!(buckets[buckets.len() - 2]["allowed"], 1, "{}", used.body);
+    assert_eq!(buckets[buckets.len() - 1]["allowed"], 7, "{}", used.body);
+    // And the live counter agrees: three more, then the quota is exhausted.
+    for _ in 0..3 {
+        s.get("/v1/me", &key).await.assert_status(200);
+    }
+    s.get("/v1/me", &key)
+        .await
+        .assert_error(429, "QUOTA_EXCEEDED");
+}
+
 #[tokio::test]
 async fn the_usage_endpoint_counts_allowed_denied_and_rate_limited_uses_by_hour_and_day() {
     let s = TestServer::start().await;
