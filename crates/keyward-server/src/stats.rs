@@ -46,6 +46,47 @@ impl Hot {
     }
 }
 
+impl Hot {
+    /// Every counter, in slot order (a unit test holds the order to [`Hot::slot`]).
+    fn all() -> impl Iterator<Item = Hot> {
+        [
+            Hot::CacheHit,
+            Hot::CacheMiss,
+            Hot::CacheNegativeHit,
+            Hot::RateAllowed,
+            Hot::RateRefused,
+            Hot::RateFallback,
+            Hot::Verification(None),
+        ]
+        .into_iter()
+        .chain(ErrorCode::ALL.iter().map(|c| Hot::Verification(Some(*c))))
+    }
+
+    /// The registered series this counter is published to.
+    fn series(self) -> Counter {
+        match self {
+            Hot::CacheHit => metrics::counter!("keyward_verify_cache_total", "result" => "hit"),
+            Hot::CacheMiss => metrics::counter!("keyward_verify_cache_total", "result" => "miss"),
+            Hot::CacheNegativeHit => {
+                metrics::counter!("keyward_verify_cache_total", "result" => "negative_hit")
+            }
+            Hot::RateAllowed => {
+                metrics::counter!("keyward_ratelimit_decisions_total", "allowed" => "true")
+            }
+            Hot::RateRefused => {
+                metrics::counter!("keyward_ratelimit_decisions_total", "allowed" => "false")
+            }
+            Hot::RateFallback => metrics::counter!("keyward_ratelimit_fallback_total"),
+            Hot::Verification(None) => {
+                metrics::counter!("keyward_verifications_total", "code" => "VALID")
+            }
+            Hot::Verification(Some(c)) => {
+                metrics::counter!("keyward_verifications_total", "code" => c.as_str())
+            }
+        }
+    }
+}
+
 /// One thread's counts, by slot. Only its thread writes them.
 struct Block(Vec<AtomicU64>);
 
@@ -140,20 +181,8 @@ pub fn stats() -> &'static Stats {
     static STATS: OnceLock<Stats> = OnceLock::new();
     STATS.get_or_init(|| {
         crate::ops::prometheus();
-        let mut handles = vec![
-            metrics::counter!("keyward_verify_cache_total", "result" => "hit"),
-            metrics::counter!("keyward_verify_cache_total", "result" => "miss"),
-            metrics::counter!("keyward_verify_cache_total", "result" => "negative_hit"),
-            metrics::counter!("keyward_ratelimit_decisions_total", "allowed" => "true"),
-            metrics::counter!("keyward_ratelimit_decisions_total", "allowed" => "false"),
-            metrics::counter!("keyward_ratelimit_fallback_total"),
-            metrics::counter!("keyward_verifications_total", "code" => "VALID"),
-        ];
-        handles.extend(
-            ErrorCode::ALL
-                .iter()
-                .map(|c| metrics::counter!("keyward_verifications_total", "code" => c.as_str())),
-        );
+        // Each slot's series, in slot order.
+        let handles: Vec<Counter> = Hot::all().map(Hot::series).collect();
         Stats {
             blocks: Mutex::default(),
             retired: Block((0..handles.len()).map(|_| AtomicU64::new(0)).collect()),
@@ -167,26 +196,37 @@ pub fn stats() -> &'static Stats {
 mod tests {
     use super::*;
 
+    /// `publish` writes slot i's total into handle i, and the handles are built in the order of
+    /// `Hot::all`: that order must be the slots' own, one slot each, or a count would be
+    /// published under another counter's name.
     #[test]
-    fn every_counter_has_its_own_slot() {
-        let mut slots: Vec<usize> = [
-            Hot::CacheHit,
-            Hot::CacheMiss,
-            Hot::CacheNegativeHit,
-            Hot::RateAllowed,
-            Hot::RateRefused,
-            Hot::RateFallback,
-            Hot::Verification(None),
-        ]
-        .into_iter()
-        .chain(ErrorCode::ALL.iter().map(|c| Hot::Verification(Some(*c))))
-        .map(Hot::slot)
-        .collect();
-        let n = slots.len();
-        slots.sort();
-        slots.dedup();
-        assert_eq!(slots.len(), n);
-        assert_eq!(*slots.last().unwrap(), stats().handles.len() - 1);
+    fn every_counter_has_its_own_slot_in_publishing_order() {
+        for (i, hot) in Hot::all().enumerate() {
+            assert_eq!(hot.slot(), i, "{hot:?}");
+        }
+        assert_eq!(Hot::all().count(), stats().handles.len());
+        assert_eq!(Hot::all().count(), FIXED + 1 + ErrorCode::ALL.len());
+    }
+
+    /// What `/metrics` shows under a counter's name is that counter's count (a code no
+    /// verification ever ends with, so no other test counts it; a misplaced handle would show
+    /// another counter's count here).
+    #[test]
+    fn a_count_is_published_under_its_own_name() {
+        let s = stats();
+        let hot = Hot::Verification(Some(ErrorCode::MeRequiresAgentKey));
+        for _ in 0..3 {
+            s.add(hot);
+        }
+        s.publish();
+        let rendered = crate::ops::prometheus().render();
+        let line = rendered
+            .lines()
+            .find(|l| {
+                l.starts_with("keyward_verifications_total{code=\"ME_REQUIRES_AGENT_KEY\"}")
+            })
+            .unwrap_or_else(|| panic!("no series in {rendered}"));
+        assert_eq!(line.rsplit(' ').next(), Some("3"), "{line}");
     }
 
     #[test]
