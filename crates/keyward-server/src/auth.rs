@@ -821,3 +821,32 @@ async fn verify_signed_request(
 pub fn is_agent_credential(key: &Key) -> bool {
     key.agent_id.is_some() && matches!(key.kind, TokenKind::Agent | TokenKind::Derived)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// At most `THROTTLED_HELD_MAX` refusals are held at once; a slot frees when its hold
+    /// ends (or its request is dropped). Beyond the cap a refusal is answered at once, with
+    /// the whole wait as its `Retry-After`; a held one gets what is left after the hold.
+    #[tokio::test]
+    async fn held_refusals_are_capped_and_retry_after_counts_the_hold() {
+        let wait_ns = 1_100_000_000; // 1.1 s
+        let asked = std::time::Instant::now();
+        let held = throttled(wait_ns).await;
+        assert!(asked.elapsed() >= THROTTLED_DELAY_MAX);
+        assert_eq!(held.retry_after, Some(1), "0.85 s left after the hold");
+
+        let all: Vec<Held> = std::iter::from_fn(Held::enter)
+            .take(THROTTLED_HELD_MAX)
+            .collect();
+        assert_eq!(all.len(), THROTTLED_HELD_MAX);
+        assert!(Held::enter().is_none(), "the cap is reached");
+        let at_once = throttled(wait_ns).await;
+        // Not held (a held one would have 0.85 s left): the whole 1.1 s, rounded up.
+        assert_eq!(at_once.retry_after, Some(2));
+        drop(all);
+        assert!(Held::enter().is_some(), "slots free when holds end");
+    }
+}

@@ -222,9 +222,7 @@ mod tests {
         let rendered = crate::ops::prometheus().render();
         let line = rendered
             .lines()
-            .find(|l| {
-                l.starts_with("keyward_verifications_total{code=\"ME_REQUIRES_AGENT_KEY\"}")
-            })
+            .find(|l| l.starts_with("keyward_verifications_total{code=\"ME_REQUIRES_AGENT_KEY\"}"))
             .unwrap_or_else(|| panic!("no series in {rendered}"));
         assert_eq!(line.rsplit(' ').next(), Some("3"), "{line}");
     }
