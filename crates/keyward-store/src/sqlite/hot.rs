@@ -279,4 +279,45 @@ mod tests {
         assert!(hot.take().is_none(), "a closed pool hands nothing out");
         returner.join().unwrap();
     }
+
+    fn wal_db(dir: &tempfile::TempDir) -> PathBuf {
+        let path = dir.path().join("k.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x INTEGER);")
+            .unwrap();
+        path
+    }
+
+    /// A database another connection holds locked: the read does not wait; it answers "ask
+    /// the sqlx path" and keeps its connection for the next read.
+    #[test]
+    fn a_busy_database_falls_back_at_once_and_keeps_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = wal_db(&dir);
+        let locker = Connection::open(&path).unwrap();
+        locker
+            .execute_batch(
+                "PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE; INSERT INTO t VALUES (1);",
+            )
+            .unwrap();
+        let hot = HotReads::new(path);
+        assert!(hot.key_by_digest(&TokenDigest([1; 32])).is_none());
+        assert_eq!(hot.opened(), 1, "the connection is kept");
+        assert_eq!(hot.pool().idle.len(), 1, "and back in the pool");
+    }
+
+    /// A statement that fails for another reason (here: no such table) is an error, and its
+    /// connection is closed rather than reused.
+    #[test]
+    fn a_failed_read_is_an_error_and_drops_its_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let hot = HotReads::new(wal_db(&dir));
+        match hot.key_by_digest(&TokenDigest([1; 32])) {
+            Some(Err(StoreError::Internal(e))) => assert!(e.contains("no such table"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(hot.opened(), 0);
+        assert!(hot.pool().idle.is_empty());
+    }
 }
