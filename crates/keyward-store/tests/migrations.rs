@@ -1,0 +1,109 @@
+//! Upgrades over data: migration 0004 moves each key's last use out of `keys.last_used_at` into
+//! `key_last_used`. Each test opens a store (every migration applied), puts the database back
+//! in its state before 0004 with a key last used at a known time, opens the store again (which
+//! applies 0004 over that data) and reads the key. On PostgreSQL only when
+//! `KEYWARD_TEST_DATABASE_URL` is set, as the conformance suite.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use chrono::{DateTime, Utc};
+use keyward_core::token::TokenKind;
+use keyward_store::conformance;
+use keyward_store::Store;
+use sqlx::{Connection, Executor};
+use uuid::Uuid;
+
+/// A time a key was last used, in the stores' milliseconds.
+const LAST_USED_MS: i64 = 1_795_000_000_123;
+
+fn last_used() -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(LAST_USED_MS).unwrap()
+}
+
+/// Creates an org; answers its root key's id.
+async fn seed(store: &dyn Store) -> Uuid {
+    let org = conformance::org(&conformance::unique("upgrade"));
+    let root = conformance::key(org.id, None, TokenKind::Root);
+    store
+        .create_org(&org, &root, &conformance::event(org.id, "org.create"))
+        .await
+        .unwrap();
+    root.id
+}
+
+/// SQL that returns a database to its state before 0004, with `key` last used at
+/// `LAST_USED_MS` as the previous version recorded it.
+fn before_0004(key: Uuid) -> Vec<String> {
+    vec![
+        format!("UPDATE keys SET last_used_at = {LAST_USED_MS} WHERE id = '{key}'"),
+        "DROP TABLE key_last_used".to_string(),
+        "DELETE FROM _sqlx_migrations WHERE version = 4".to_string(),
+    ]
+}
+
+#[tokio::test]
+async fn sqlite_0004_carries_each_keys_last_use_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keyward.db");
+    let store = keyward_store::sqlite::SqliteStore::open(&path)
+        .await
+        .unwrap();
+    let key = seed(&store).await;
+    assert_eq!(
+        store.get_key(key).await.unwrap().unwrap().last_used_at,
+        None
+    );
+    store.close().await;
+    drop(store);
+
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    for sql in before_0004(key) {
+        conn.execute_batch(&sql).unwrap();
+    }
+    drop(conn);
+
+    let store = keyward_store::sqlite::SqliteStore::open(&path)
+        .await
+        .unwrap();
+    let stored = store.get_key(key).await.unwrap().unwrap();
+    assert_eq!(stored.last_used_at, Some(last_used()));
+    store.close().await;
+}
+
+#[tokio::test]
+async fn postgres_0004_carries_each_keys_last_use_over() {
+    let Some(url) = std::env::var("KEYWARD_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    else {
+        eprintln!("KEYWARD_TEST_DATABASE_URL not set; skipping");
+        return;
+    };
+    let schema = format!("kwm_{}", Uuid::now_v7().simple());
+    let open = || keyward_store::postgres::PostgresStore::connect_in_schema(&url, &schema);
+    let store = open().await.unwrap();
+    let key = seed(&store).await;
+    assert_eq!(
+        store.get_key(key).await.unwrap().unwrap().last_used_at,
+        None
+    );
+    store.close().await;
+    drop(store);
+
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    conn.execute(format!("SET search_path TO \"{schema}\"").as_str())
+        .await
+        .unwrap();
+    for sql in before_0004(key) {
+        conn.execute(sql.as_str()).await.unwrap();
+    }
+
+    let store = open().await.unwrap();
+    let stored = store.get_key(key).await.unwrap().unwrap();
+    assert_eq!(stored.last_used_at, Some(last_used()));
+    store.close().await;
+    conn.execute(format!("DROP SCHEMA \"{schema}\" CASCADE").as_str())
+        .await
+        .unwrap();
+    let _ = conn.close().await;
+}
