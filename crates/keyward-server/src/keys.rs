@@ -624,6 +624,12 @@ pub async fn patch_key(
     if key == before {
         return Ok(Json(render::key(&key)));
     }
+    if key.quota != before.quota && state.store.is_shared() {
+        // A shared store starts the changed quota's counter from the uses it has counted:
+        // write this node's pending ones first, so they are among them. (Another node's
+        // pending uses, at most one flush interval's, arrive with its next flush.)
+        state.meter.flush(state.store.as_ref()).await?;
+    }
     let now = state.now();
     let audit = caller.event(
         now,

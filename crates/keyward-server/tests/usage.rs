@@ -4,6 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 
+use std::sync::Arc;
+
 use chrono::Duration;
 use common::TestServer;
 use keyward_core::clock::Clock;
@@ -387,4 +389,59 @@ async fn the_usage_endpoint_validates_its_query_and_scope() {
     let buckets = r.body["buckets"].as_array().unwrap();
     assert_eq!(buckets.len(), 24);
     assert_eq!(buckets[23]["start"], "2026-11-23T10:00:00.000Z");
+}
+
+/// A quota removed and set again in the same period starts from what the store counted in
+/// between, not from the old counter, also when the key's rate limit is shared through Redis
+/// (that path takes the quota without the in-memory shortcut). Without Redis the node falls
+/// back to its own limiter, along the same path. On PostgreSQL the store's counter starts
+/// again from the uses it has counted, which the node changing the quota flushes first.
+#[tokio::test]
+async fn a_quota_removed_and_set_again_counts_the_uses_in_between_on_the_redis_path() {
+    let url = std::env::var("KEYWARD_TEST_REDIS_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_string());
+    let s = TestServer::start_configured(|c| {
+        c.rate_limit_backend = keyward_server::RateLimitBackend::Redis(Arc::new(
+            keyward_server::redis_limiter::RedisLimiter::new(&url).unwrap(),
+        ));
+    })
+    .await;
+    let b = s
+        .create_agent_with(json!({
+            "name": "requota",
+            "scopes": {"slack": ["chat:write"]},
+            "key": {
+                "rate_limit": {"limit": 1000, "period_s": 60, "burst": 1000},
+                "quota": {"limit": 2, "period": "day"}
+            }
+        }))
+        .await;
+    let key_id = b["key"]["id"].as_str().unwrap();
+    let key = b["api_key"].as_str().unwrap();
+    for _ in 0..2 {
+        s.get("/v1/me", key).await.assert_status(200);
+    }
+    s.get("/v1/me", key)
+        .await
+        .assert_error(429, "QUOTA_EXCEEDED");
+    let path = format!("/v1/keys/{key_id}");
+    s.patch(&path, &s.root_key, json!({"quota": null}))
+        .await
+        .assert_status(200);
+    s.get("/v1/me", key).await.assert_status(200);
+    s.patch(
+        &path,
+        &s.root_key,
+        json!({"quota": {"limit": 5, "period": "day"}}),
+    )
+    .await
+    .assert_status(200);
+    // Three allowed uses so far today (the refused one is not a use of the quota): this is
+    // the fourth.
+    let v = s
+        .post("/v1/keys/verify", &s.root_key, json!({"key": key}))
+        .await;
+    assert_eq!(v.body["quota"]["used"], 4, "{}", v.body);
 }
