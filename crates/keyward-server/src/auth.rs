@@ -578,7 +578,9 @@ where
                         // authenticating, and this failure is over its budget: it is answered
                         // as throttled, so no address learns more 401s than its budget allows
                         // however many requests it has in flight.
-                        resp = throttled(d.retry_after_ns).await.into_response();
+                        // Boxed: rare, and its timer would otherwise sit in every request's
+                        // future (see `front`'s future sizes).
+                        resp = Box::pin(throttled(d.retry_after_ns)).await.into_response();
                     }
                 }
             }
