@@ -24,6 +24,29 @@ async fn wait_for_events(s: &TestServer, query: &str, n: usize) -> Vec<Value> {
     panic!("fewer than {n} events for {query}");
 }
 
+/// A server whose failed-auth throttle allows 3 failures at once, then one a second.
+async fn throttled_server() -> TestServer {
+    TestServer::start_configured(|c| {
+        c.failed_auth_limit = Some(RateLimitSpec {
+            limit: 60,
+            period_s: 60,
+            burst: 3,
+        });
+    })
+    .await
+}
+
+/// A well-formed agent token (valid checksum) that no key has.
+fn never_issued() -> String {
+    keyward_core::token::generate(
+        keyward_core::token::Environment::Live,
+        keyward_core::token::TokenKind::Agent,
+    )
+    .unwrap()
+    .expose()
+    .to_string()
+}
+
 #[tokio::test]
 async fn a_flood_of_identical_denials_becomes_one_event_with_a_count() {
     let s = TestServer::start().await;
@@ -113,14 +136,7 @@ async fn failed_verifications_are_audited_and_successful_ones_counted_in_usage()
 
 #[tokio::test]
 async fn an_address_that_keeps_failing_is_throttled_then_recovers() {
-    let s = TestServer::start_configured(|c| {
-        c.failed_auth_limit = Some(RateLimitSpec {
-            limit: 60,
-            period_s: 60,
-            burst: 3,
-        });
-    })
-    .await;
+    let s = throttled_server().await;
     let (_, _, key) = s
         .create_agent("innocent", json!({"slack": ["chat:write"]}))
         .await;
@@ -154,22 +170,10 @@ async fn an_address_that_keeps_failing_is_throttled_then_recovers() {
 
 #[tokio::test]
 async fn well_formed_unknown_tokens_count_against_the_throttle_too() {
-    let s = TestServer::start_configured(|c| {
-        c.failed_auth_limit = Some(RateLimitSpec {
-            limit: 60,
-            period_s: 60,
-            burst: 3,
-        });
-    })
-    .await;
+    let s = throttled_server().await;
     let mut codes = Vec::new();
     for _ in 0..6 {
-        let t = keyward_core::token::generate(
-            keyward_core::token::Environment::Live,
-            keyward_core::token::TokenKind::Agent,
-        )
-        .unwrap();
-        codes.push(s.get("/v1/me", t.expose()).await.code().to_string());
+        codes.push(s.get("/v1/me", &never_issued()).await.code().to_string());
     }
     assert_eq!(
         codes,
@@ -192,25 +196,8 @@ async fn well_formed_unknown_tokens_count_against_the_throttle_too() {
 /// lookup runs on the calling thread and rarely overlaps, so there the test seldom could fail.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_failures_from_one_address_get_no_more_than_the_budget() {
-    let s = TestServer::start_configured(|c| {
-        c.failed_auth_limit = Some(RateLimitSpec {
-            limit: 60,
-            period_s: 60,
-            burst: 3,
-        });
-    })
-    .await;
-    let tokens: Vec<String> = (0..64)
-        .map(|_| {
-            keyward_core::token::generate(
-                keyward_core::token::Environment::Live,
-                keyward_core::token::TokenKind::Agent,
-            )
-            .unwrap()
-            .expose()
-            .to_string()
-        })
-        .collect();
+    let s = throttled_server().await;
+    let tokens: Vec<String> = (0..64).map(|_| never_issued()).collect();
     let calls = tokens.iter().map(|t| s.get("/v1/me", t));
     let results = futures_util::future::join_all(calls).await;
     let invalid = results

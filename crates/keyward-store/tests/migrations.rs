@@ -20,6 +20,24 @@ fn last_used() -> DateTime<Utc> {
     DateTime::from_timestamp_millis(LAST_USED_MS).unwrap()
 }
 
+/// Creates an org (its root key never used), closes the store; answers the key's id.
+async fn seed_and_close(store: impl Store) -> Uuid {
+    let key = seed(&store).await;
+    assert_eq!(
+        store.get_key(key).await.unwrap().unwrap().last_used_at,
+        None
+    );
+    store.close().await;
+    key
+}
+
+/// The reopened store reads the key's last use as the previous version recorded it.
+async fn assert_carried_over(store: &dyn Store, key: Uuid) {
+    let stored = store.get_key(key).await.unwrap().unwrap();
+    assert_eq!(stored.last_used_at, Some(last_used()));
+    store.close().await;
+}
+
 /// Creates an org; answers its root key's id.
 async fn seed(store: &dyn Store) -> Uuid {
     let org = conformance::org(&conformance::unique("upgrade"));
@@ -48,13 +66,7 @@ async fn sqlite_0004_carries_each_keys_last_use_over() {
     let store = keyward_store::sqlite::SqliteStore::open(&path)
         .await
         .unwrap();
-    let key = seed(&store).await;
-    assert_eq!(
-        store.get_key(key).await.unwrap().unwrap().last_used_at,
-        None
-    );
-    store.close().await;
-    drop(store);
+    let key = seed_and_close(store).await;
 
     let conn = rusqlite::Connection::open(&path).unwrap();
     for sql in before_0004(key) {
@@ -65,9 +77,7 @@ async fn sqlite_0004_carries_each_keys_last_use_over() {
     let store = keyward_store::sqlite::SqliteStore::open(&path)
         .await
         .unwrap();
-    let stored = store.get_key(key).await.unwrap().unwrap();
-    assert_eq!(stored.last_used_at, Some(last_used()));
-    store.close().await;
+    assert_carried_over(&store, key).await;
 }
 
 #[tokio::test]
@@ -82,13 +92,7 @@ async fn postgres_0004_carries_each_keys_last_use_over() {
     let schema = format!("kwm_{}", Uuid::now_v7().simple());
     let open = || keyward_store::postgres::PostgresStore::connect_in_schema(&url, &schema);
     let store = open().await.unwrap();
-    let key = seed(&store).await;
-    assert_eq!(
-        store.get_key(key).await.unwrap().unwrap().last_used_at,
-        None
-    );
-    store.close().await;
-    drop(store);
+    let key = seed_and_close(store).await;
 
     let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
     conn.execute(format!("SET search_path TO \"{schema}\"").as_str())
@@ -99,9 +103,7 @@ async fn postgres_0004_carries_each_keys_last_use_over() {
     }
 
     let store = open().await.unwrap();
-    let stored = store.get_key(key).await.unwrap().unwrap();
-    assert_eq!(stored.last_used_at, Some(last_used()));
-    store.close().await;
+    assert_carried_over(&store, key).await;
     conn.execute(format!("DROP SCHEMA \"{schema}\" CASCADE").as_str())
         .await
         .unwrap();
