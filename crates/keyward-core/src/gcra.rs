@@ -49,6 +49,22 @@ impl Gcra {
         (self.emission_ns as i128 * self.burst as i128).min(i64::MAX as i128) as i64
     }
 
+    /// The bucket's state at `now_ns` without a request: what is left (`remaining`) and when
+    /// it is full again (`reset_after_ns`). `allowed` says whether a request now would pass.
+    pub fn peek(&self, tat_ns: i64, now_ns: i64) -> Decision {
+        let t = self.emission_ns as i64;
+        let cap = self.capacity_ns();
+        let used = tat_ns.max(now_ns) - now_ns;
+        let next = self.check(tat_ns, now_ns);
+        Decision {
+            allowed: next.allowed,
+            tat_ns,
+            remaining: ((cap - used).max(0) / t) as u64,
+            reset_after_ns: used,
+            retry_after_ns: next.retry_after_ns,
+        }
+    }
+
     /// Decides one request arriving at `now_ns` given the stored `tat_ns` (0 when none).
     pub fn check(&self, tat_ns: i64, now_ns: i64) -> Decision {
         let t = self.emission_ns as i64;
@@ -84,6 +100,29 @@ mod tests {
     use proptest::prelude::*;
 
     const S: i64 = 1_000_000_000;
+
+    /// A peek reports what a request would see before it, and changes nothing.
+    #[test]
+    fn a_peek_reports_the_bucket_without_taking_from_it() {
+        let g = Gcra::new(100, 3600, 10).unwrap();
+        let now = 1_000 * S;
+        let full = g.peek(0, now);
+        assert!(full.allowed);
+        assert_eq!((full.remaining, full.reset_after_ns), (10, 0));
+        let mut tat = 0;
+        for taken in 1..=10u64 {
+            let d = g.check(tat, now);
+            tat = d.tat_ns;
+            let p = g.peek(tat, now);
+            assert_eq!(p.remaining, 10 - taken);
+            assert_eq!(p.reset_after_ns, d.reset_after_ns);
+            assert_eq!(p.tat_ns, tat, "nothing taken");
+        }
+        let empty = g.peek(tat, now);
+        assert!(!empty.allowed);
+        assert_eq!(empty.remaining, 0);
+        assert_eq!(empty.retry_after_ns, g.check(tat, now).retry_after_ns);
+    }
 
     #[test]
     fn a_full_bucket_admits_exactly_the_burst_at_once() {

@@ -393,7 +393,9 @@ pub struct QuotaState {
 /// `POST /v1/keys/verify` answer: always 200 for a well-formed request.
 ///
 /// For a key the caller may see, every field is present (`null` when the key has none: no
-/// expiry, no quota, no rate limit, a root key's agent), as in API.md §5's example. For an
+/// expiry, no quota, no rate limit, a root key's agent), as in API.md §5's example. A key
+/// refused before its traffic controls ran reports its limits as they stand, without taking
+/// from them. For an
 /// unknown, malformed or other org's key (`key_id` is `None`) only `valid` and `code` are
 /// written, and nothing else is said.
 #[derive(Debug, Clone, Deserialize, ToSchema)]

@@ -282,6 +282,20 @@ pub struct RateHeaders {
 }
 
 impl RateHeaders {
+    /// What to report of `gcra`'s bucket after decision (or peek) `d` at `now_ms`.
+    pub fn of(
+        gcra: &keyward_core::gcra::Gcra,
+        d: &keyward_core::gcra::Decision,
+        now_ms: i64,
+    ) -> RateHeaders {
+        let now_ns = now_ms.saturating_mul(1_000_000);
+        RateHeaders {
+            limit: gcra.limit,
+            remaining: d.remaining,
+            reset: (now_ns.saturating_add(d.reset_after_ns) + 999_999_999) / 1_000_000_000,
+        }
+    }
+
     fn apply(&self, resp: &mut Response) {
         let h = resp.headers_mut();
         h.insert("x-ratelimit-limit", HeaderValue::from(self.limit));
@@ -329,15 +343,10 @@ pub async fn admit(
         // kilobytes larger, and futures are moved by copying.
         None => Box::pin(admit_through_store(state, p, now_ms)).await,
     };
-    let now_ns = now_ms.saturating_mul(1_000_000);
     let (Some(gcra), Some(d)) = (p.rate, admission.rate) else {
         return (None, admission.quota);
     };
-    let headers = RateHeaders {
-        limit: gcra.limit,
-        remaining: d.remaining,
-        reset: (now_ns.saturating_add(d.reset_after_ns) + 999_999_999) / 1_000_000_000,
-    };
+    let headers = RateHeaders::of(&gcra, &d, now_ms);
     if d.allowed {
         stats().add(Hot::RateAllowed);
         (Some(headers), admission.quota)

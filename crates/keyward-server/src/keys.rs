@@ -627,7 +627,8 @@ pub async fn patch_key(
     if key.quota != before.quota && state.store.is_shared() {
         // A shared store starts the changed quota's counter from the uses it has counted:
         // write this node's pending ones first, so they are among them. (Another node's
-        // pending uses, at most one flush interval's, arrive with its next flush.)
+        // uses not flushed before the counter's first take, at most one flush interval's,
+        // are not counted by it.)
         state.meter.flush(state.store.as_ref()).await?;
     }
     let now = state.now();

@@ -169,6 +169,11 @@ impl KeyState {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// This state's local rate-limit bucket at `now_ns`, without a request.
+    pub fn peek(&self, gcra: &Gcra, now_ns: i64) -> Decision {
+        gcra.peek(self.lock().tat_ns, now_ns)
+    }
+
     /// Decides one request against this state's local rate limit (recording it when allowed).
     pub fn gcra(&self, gcra: &Gcra, now_ns: i64) -> Decision {
         self.lock().gcra(gcra, now_ns)

@@ -453,12 +453,55 @@ pub async fn verify_key(
             at: keyward_core::clock::from_millis(now_ms),
         });
     }
+    // A key refused before its traffic controls ran (or by its quota) still reports its
+    // limits, as they stand: `null` in the answer means the key has none.
+    let (mut rate, mut quota) = (d.rate, d.quota);
+    if rate.is_none() {
+        rate = p.rate.map(|g| {
+            let bucket = p.bucket.as_deref().unwrap_or(&p.live);
+            crate::auth::RateHeaders::of(
+                &g,
+                &bucket.peek(&g, now_ms.saturating_mul(1_000_000)),
+                now_ms,
+            )
+        });
+    }
+    if quota.is_none() && p.key.quota.is_some() {
+        quota = Box::pin(standing_quota(state, &p, d.result, now_ms)).await;
+    }
     Ok(count(Verified {
         prepared: Some(p),
         result: d.result,
-        rate: d.rate,
-        quota: d.quota,
+        rate,
+        quota,
     }))
+}
+
+/// The quota of a key its verification did not take from: exhausted when that is why it was
+/// refused, else as it stands (read from the store when this node has not loaded its counter).
+async fn standing_quota(
+    state: &AppState,
+    p: &Prepared,
+    result: Result<(), ErrorCode>,
+    now_ms: i64,
+) -> Option<QuotaUse> {
+    let q = p.key.quota?;
+    let now = keyward_core::clock::from_millis(now_ms);
+    if result == Err(ErrorCode::QuotaExceeded) {
+        return Some(QuotaUse {
+            limit: q.limit,
+            used: q.limit,
+            resets_at_ms: keyward_core::quota::period_end(q.period, now).timestamp_millis(),
+        });
+    }
+    // A store that cannot answer now leaves the quota unreported rather than failing the
+    // verification, whose answer (the key's denial) does not depend on it.
+    state
+        .meter
+        .quota_state(state.store.as_ref(), &p.key, now)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Counts a verification by its outcome code for `/metrics`.

@@ -141,7 +141,15 @@ async fn verify_takes_from_the_verified_keys_quota_and_reports_it() {
     assert_eq!(first.body["quota"]["remaining"], 1);
     assert_eq!(first.body["quota"]["resets_at"], "2026-12-01T00:00:00.000Z");
     assert_eq!(v().await.body["code"], "VALID");
-    assert_eq!(v().await.body["code"], "QUOTA_EXCEEDED");
+    let exceeded = v().await;
+    assert_eq!(exceeded.body["code"], "QUOTA_EXCEEDED");
+    // The refusal reports the quota it ran into, not null.
+    assert_eq!(exceeded.body["quota"]["used"], 2, "{}", exceeded.body);
+    assert_eq!(exceeded.body["quota"]["remaining"], 0);
+    assert_eq!(
+        exceeded.body["quota"]["resets_at"],
+        "2026-12-01T00:00:00.000Z"
+    );
     s.get("/v1/me", &key)
         .await
         .assert_error(429, "QUOTA_EXCEEDED");
@@ -240,14 +248,18 @@ async fn a_straggler_from_the_previous_period_leaves_the_new_periods_count_exact
     let path = s.org_path(&format!(
         "/audit?action=key.usage_threshold&key_id={key_id}"
     ));
-    eventually("the threshold event", || async {
-        s.get(&path, &s.root_key).await.body["events"]
-            .as_array()
-            .is_some_and(|e| !e.is_empty())
+    // Every use in the store means every flush that could write an announcement has run (a
+    // flush writes the announcements made before it with the counts).
+    let id: uuid::Uuid = key_id.parse().unwrap();
+    eventually("every use flushed", || async {
+        let hours = s
+            .store
+            .usage_hours(id, common::t0(), common::t0() + Duration::hours(2))
+            .await
+            .unwrap();
+        hours.iter().map(|h| h.allowed).sum::<u64>() == 8
     })
     .await;
-    // Give later flushes the chance to (wrongly) write a second one.
-    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     let events = s.get(&path, &s.root_key).await.body["events"].clone();
     assert_eq!(events.as_array().unwrap().len(), 1, "{events}");
     // 7 of the new period's 10 are used; the straggler is in the hour before.

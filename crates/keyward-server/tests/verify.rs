@@ -241,6 +241,41 @@ async fn an_expired_key_verifies_as_expired_api_key() {
     assert_eq!(b["expires_at"], json!(ts(t0() + Duration::seconds(60))));
 }
 
+/// API.md §5's example: a key refused before its traffic controls (here: expired) still reports
+/// its rate limit and quota as they stand, without taking from them.
+#[tokio::test]
+async fn an_expired_key_reports_its_limits_as_they_stand() {
+    let s = TestServer::start().await;
+    let v = verifier(&s).await;
+    let (agent, _, _) = s
+        .create_agent("limited", json!({"slack": ["chat:write"]}))
+        .await;
+    let (_, target) = mint_ok(
+        &s,
+        &id(&agent),
+        json!({
+            "expires_in": 60,
+            "rate_limit": {"limit": 100, "period_s": 60, "burst": 10},
+            "quota": {"limit": 50, "period": "day"}
+        }),
+    )
+    .await;
+    let ok = verify_ok(&s, &v, json!({ "key": target })).await;
+    assert_eq!(ok["ratelimit"]["remaining"], 9);
+    assert_eq!(ok["quota"]["used"], 1);
+    s.advance(Duration::seconds(61));
+    for _ in 0..2 {
+        let b = verify_ok(&s, &v, json!({ "key": target })).await;
+        assert_code(&b, false, "EXPIRED_API_KEY");
+        assert_eq!(b["ratelimit"]["limit"], 100, "{b}");
+        // 61 s refilled the bucket (one token per 0.6 s) and the refusals took nothing.
+        assert_eq!(b["ratelimit"]["remaining"], 10, "{b}");
+        assert_eq!(b["quota"]["limit"], 50, "{b}");
+        assert_eq!(b["quota"]["used"], 1, "{b}");
+        assert_eq!(b["quota"]["remaining"], 49, "{b}");
+    }
+}
+
 #[tokio::test]
 async fn a_revoked_key_verifies_as_revoked_api_key() {
     let s = TestServer::start().await;
