@@ -394,8 +394,9 @@ pub struct QuotaState {
 ///
 /// For a key the caller may see, every field is present (`null` when the key has none: no
 /// expiry, no quota, no rate limit, a root key's agent), as in API.md §5's example. A key
-/// refused before its traffic controls ran reports its limits as they stand, without taking
-/// from them. For an
+/// refused before its traffic controls ran reports its rate limit as it stands, without taking
+/// from it, and its quota as the answering node's counter has it (`null` when the node has
+/// none for the period, as on a shared store: the refusal does not read the store for it). For an
 /// unknown, malformed or other org's key (`key_id` is `None`) only `valid` and `code` are
 /// written, and nothing else is said.
 #[derive(Debug, Clone, Deserialize, ToSchema)]

@@ -124,7 +124,7 @@ async fn hot_route(conn: Arc<Conn>, hot: Hot, req: Request) -> Response {
                 // The handlers' futures are boxed: every future around them (the guard's, the
                 // request id's, the panic catcher's, this one's) would otherwise hold them
                 // inline, and each is copied whole when it is created: one allocation instead
-                // of kilobytes of copying per request (see `future_sizes` below).
+                // of kilobytes of copying per request (see `the_hot_routes_futures_stay_small` below).
                 Hot::Verify => {
                     crate::auth::guard(state, peer, callers, req, |req, caller| {
                         Box::pin(verify(state, req, caller))

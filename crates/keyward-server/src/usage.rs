@@ -169,6 +169,18 @@ impl KeyState {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The units of a quota of `period` used so far in the period of `now_ms`, as this node's
+    /// counter has them; `None` when it has no counter for that period loaded (always on a
+    /// shared store, whose counter lives in the store).
+    pub fn quota_used(&self, period: QuotaPeriod, now_ms: i64) -> Option<u64> {
+        let live = self.lock();
+        if live.quota_current(period, now_ms) {
+            live.quota.as_ref().map(|c| c.used)
+        } else {
+            None
+        }
+    }
+
     /// This state's local rate-limit bucket at `now_ns`, without a request.
     pub fn peek(&self, gcra: &Gcra, now_ns: i64) -> Decision {
         gcra.peek(self.lock().tat_ns, now_ns)
@@ -535,13 +547,9 @@ impl Meter {
             }));
         }
         let state = self.find(key.id);
-        let in_memory = state.as_ref().and_then(|s| {
-            s.lock()
-                .quota
-                .as_ref()
-                .filter(|c| c.period == q.period && c.period_start_ms == start.timestamp_millis())
-                .map(|c| c.used)
-        });
+        let in_memory = state
+            .as_ref()
+            .and_then(|s| s.quota_used(q.period, now.timestamp_millis()));
         let used = match in_memory {
             Some(u) => u,
             None => {

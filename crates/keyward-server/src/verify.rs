@@ -454,7 +454,7 @@ pub async fn verify_key(
         });
     }
     // A key refused before its traffic controls ran (or by its quota) still reports its
-    // limits, as they stand: `null` in the answer means the key has none.
+    // limits as they stand, read from memory only (see `standing_quota`).
     let (mut rate, mut quota) = (d.rate, d.quota);
     if rate.is_none() {
         rate = p.rate.map(|g| {
@@ -466,8 +466,8 @@ pub async fn verify_key(
             )
         });
     }
-    if quota.is_none() && p.key.quota.is_some() {
-        quota = Box::pin(standing_quota(state, &p, d.result, now_ms)).await;
+    if quota.is_none() {
+        quota = standing_quota(&p, d.result, now_ms);
     }
     Ok(count(Verified {
         prepared: Some(p),
@@ -478,30 +478,22 @@ pub async fn verify_key(
 }
 
 /// The quota of a key its verification did not take from: exhausted when that is why it was
-/// refused, else as it stands (read from the store when this node has not loaded its counter).
-async fn standing_quota(
-    state: &AppState,
-    p: &Prepared,
-    result: Result<(), ErrorCode>,
-    now_ms: i64,
-) -> Option<QuotaUse> {
+/// refused, else as this node's counter has it. No store read: a refused key (one over its rate
+/// limit, say) may be verified again and again, and its refusal does not depend on the quota.
+/// `None` when the node has no counter for the period (always on a shared store).
+fn standing_quota(p: &Prepared, result: Result<(), ErrorCode>, now_ms: i64) -> Option<QuotaUse> {
     let q = p.key.quota?;
-    let now = keyward_core::clock::from_millis(now_ms);
-    if result == Err(ErrorCode::QuotaExceeded) {
-        return Some(QuotaUse {
-            limit: q.limit,
-            used: q.limit,
-            resets_at_ms: keyward_core::quota::period_end(q.period, now).timestamp_millis(),
-        });
-    }
-    // A store that cannot answer now leaves the quota unreported rather than failing the
-    // verification, whose answer (the key's denial) does not depend on it.
-    state
-        .meter
-        .quota_state(state.store.as_ref(), &p.key, now)
-        .await
-        .ok()
-        .flatten()
+    let used = if result == Err(ErrorCode::QuotaExceeded) {
+        q.limit
+    } else {
+        p.live.quota_used(q.period, now_ms)?
+    };
+    let end = keyward_core::quota::period_end(q.period, keyward_core::clock::from_millis(now_ms));
+    Some(QuotaUse {
+        limit: q.limit,
+        used: used.min(q.limit),
+        resets_at_ms: end.timestamp_millis(),
+    })
 }
 
 /// Counts a verification by its outcome code for `/metrics`.
