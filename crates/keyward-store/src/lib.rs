@@ -79,6 +79,21 @@ pub struct UsageDelta {
     pub rate_limited: u64,
 }
 
+/// A usage batch in the usage tables' key order: counts by key, then hour; last uses by key.
+/// (A UUID's byte order is the order of its lowercase hex text, the stored key.) Both backends
+/// write in this order: PostgreSQL so that flushes lock rows in one order and never deadlock,
+/// SQLite so that consecutive upserts land on B-tree pages its cache still holds.
+pub(crate) fn in_key_order<'a>(
+    deltas: &'a [UsageDelta],
+    last_used: &'a [(Uuid, Timestamp)],
+) -> (Vec<&'a UsageDelta>, Vec<&'a (Uuid, Timestamp)>) {
+    let mut deltas: Vec<&UsageDelta> = deltas.iter().collect();
+    deltas.sort_by_key(|d| (d.key_id, d.hour));
+    let mut last_used: Vec<&(Uuid, Timestamp)> = last_used.iter().collect();
+    last_used.sort_by_key(|(id, _)| *id);
+    (deltas, last_used)
+}
+
 /// One hour's (or, summed, one day's) counts of a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageBucket {

@@ -1244,11 +1244,7 @@ impl Store for PostgresStore {
         // order (key, then hour) across all its statements: two nodes flushing overlapping
         // counters wait for each other instead of deadlocking, and a batch naming one row twice
         // cannot update it twice.
-        let mut deltas: Vec<&UsageDelta> = deltas.iter().collect();
-        // (A UUID's byte order is the order of its lowercase hex text, the `C`-collated key.)
-        deltas.sort_by_key(|d| (d.key_id, d.hour));
-        let mut last_used: Vec<&(Uuid, Timestamp)> = last_used.iter().collect();
-        last_used.sort_by_key(|(id, _)| *id);
+        let (deltas, last_used) = crate::in_key_order(deltas, last_used);
         for chunk in deltas.chunks(USAGE_ROWS_PER_STATEMENT) {
             let key_ids: Vec<String> = chunk.iter().map(|d| d.key_id.to_string()).collect();
             let org_ids: Vec<String> = chunk.iter().map(|d| d.org_id.to_string()).collect();

@@ -914,11 +914,7 @@ impl Store for SqliteStore {
         // In the tables' key order: consecutive rows then land on the same or the next B-tree
         // page, which the writer's page cache still holds, instead of a random page each (a
         // million keys' rows are far larger than the cache, and each miss is a read).
-        let mut deltas: Vec<&UsageDelta> = deltas.iter().collect();
-        // (A UUID's byte order is the order of its lowercase hex text, the stored key.)
-        deltas.sort_by_key(|d| (d.key_id, d.hour));
-        let mut last_used: Vec<&(Uuid, Timestamp)> = last_used.iter().collect();
-        last_used.sort_by_key(|(id, _)| *id);
+        let (deltas, last_used) = crate::in_key_order(deltas, last_used);
         let mut tx = self.begin().await?;
         // One statement per kind of row, whatever the batch's size: sqlx runs every SQLite
         // statement on the connection's worker thread, so a statement per row cost two thread
