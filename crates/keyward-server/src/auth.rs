@@ -514,16 +514,21 @@ impl CallerCache {
 /// `next` gets the request and its authenticated caller (the router's handlers find it in the
 /// request's extensions; the front door hands it straight to its handler). The front door
 /// passes its connection's [`CallerCache`].
-pub async fn guard<F, Fut>(
-    state: &AppState,
+///
+/// Not an `async fn`: what it reads from the request's head is read before the future is made,
+/// and the future holds only what it needs across its awaits. (An `async fn` keeps its arguments
+/// twice, as they came and as moved into its body, and this future sits in every authenticated
+/// request's, which is copied whole as it is created: see `front`'s future sizes.)
+pub fn guard<'a, F, Fut>(
+    state: &'a AppState,
     peer: SocketAddr,
-    callers: Option<&CallerCache>,
+    callers: Option<&'a CallerCache>,
     req: Request,
     next: F,
-) -> Response
+) -> impl std::future::Future<Output = Response> + 'a
 where
-    F: FnOnce(Request, Caller) -> Fut,
-    Fut: std::future::Future<Output = Response>,
+    F: FnOnce(Request, Caller) -> Fut + 'a,
+    Fut: std::future::Future<Output = Response> + 'a,
 {
     let ip = client_ip(peer.ip(), req.headers(), &state.config.trusted_proxies);
     // Cheap copies (no allocation for standard methods; the URI is reference-counted): they
@@ -531,71 +536,79 @@ where
     let method = req.method().clone();
     let uri = req.uri().clone();
     let trace = trace_context(req.headers());
-    let mut meta = Meta::default();
-    // Boxed for the reason the front door boxes its handlers: it would otherwise sit inline in
-    // every future around it, copied whole as each is created.
-    let mut resp = match Box::pin(authenticate(state, ip, callers, req, &trace, &mut meta)).await {
-        Ok((req, caller)) => next(req, caller).await,
-        Err(e) => e.into_response(),
-    };
-    if meta.deprecated {
-        deprecation_headers(&mut resp);
-    }
-    if let Some(r) = meta.rate {
-        r.apply(&mut resp);
-    }
-    if let Some(code) = resp.extensions().get::<ErrorCode>().copied() {
-        let auth_failure = code.status() == 401;
-        let denial = auth_failure
-            || matches!(
-                code,
-                ErrorCode::InsufficientScope
-                    | ErrorCode::NotAMember
-                    | ErrorCode::IpNotAllowed
-                    | ErrorCode::AgentPaused
-                    | ErrorCode::PolicyDenied
-                    | ErrorCode::ConstraintNotNarrowing
-                    | ErrorCode::RateLimited
-                    | ErrorCode::QuotaExceeded
-                    | ErrorCode::AgentCannotMintSubagents
-            );
-        if denial {
-            let now = state.now();
-            match &meta.prepared {
-                Some(p) => state.decisions.record(crate::decisions::Decision {
-                    key: &p.key,
-                    action: "auth.denied",
-                    code: code.as_str(),
-                    client_ip: Some(ip),
-                    request_id: Some(crate::request_id::current().to_string()),
-                    trace: trace.unwrap_or_default(),
-                    method: Some(method.to_string()),
-                    path: Some(uri.path().to_string()),
-                    at: now,
-                }),
-                None => {
-                    metrics::counter!("keyward_auth_failures_total", "code" => code.as_str())
-                        .increment(1);
+    async move {
+        let mut meta = Meta::default();
+        // Boxed for the reason the front door boxes its handlers: it would otherwise sit inline
+        // in every future around it, copied whole as each is created. Only the handler's future
+        // (a box too) is held across the handler's await, not the authentication's result.
+        let handler = match Box::pin(authenticate(state, ip, callers, req, &trace, &mut meta)).await
+        {
+            Ok((req, caller)) => Ok(next(req, caller)),
+            Err(e) => Err(e),
+        };
+        let mut resp = match handler {
+            Ok(handler) => handler.await,
+            Err(e) => e.into_response(),
+        };
+        if meta.deprecated {
+            deprecation_headers(&mut resp);
+        }
+        if let Some(r) = meta.rate {
+            r.apply(&mut resp);
+        }
+        if let Some(code) = resp.extensions().get::<ErrorCode>().copied() {
+            let auth_failure = code.status() == 401;
+            let denial = auth_failure
+                || matches!(
+                    code,
+                    ErrorCode::InsufficientScope
+                        | ErrorCode::NotAMember
+                        | ErrorCode::IpNotAllowed
+                        | ErrorCode::AgentPaused
+                        | ErrorCode::PolicyDenied
+                        | ErrorCode::ConstraintNotNarrowing
+                        | ErrorCode::RateLimited
+                        | ErrorCode::QuotaExceeded
+                        | ErrorCode::AgentCannotMintSubagents
+                );
+            if denial {
+                let now = state.now();
+                match &meta.prepared {
+                    Some(p) => state.decisions.record(crate::decisions::Decision {
+                        key: &p.key,
+                        action: "auth.denied",
+                        code: code.as_str(),
+                        client_ip: Some(ip),
+                        request_id: Some(crate::request_id::current().to_string()),
+                        trace: trace.unwrap_or_default(),
+                        method: Some(method.to_string()),
+                        path: Some(uri.path().to_string()),
+                        at: now,
+                    }),
+                    None => {
+                        metrics::counter!("keyward_auth_failures_total", "code" => code.as_str())
+                            .increment(1);
+                    }
                 }
-            }
-            if auth_failure && !meta.throttled {
-                if let Some(g) = state.failed_auth_gcra {
-                    let now_ns = now.timestamp_nanos_opt().unwrap_or(i64::MAX);
-                    let d = state.auth_throttle.check(ip, &g, now_ns);
-                    if !d.allowed {
-                        // Concurrent requests from this address all passed the check before
-                        // authenticating, and this failure is over its budget: it is answered
-                        // as throttled, so no address learns more 401s than its budget allows
-                        // however many requests it has in flight.
-                        // Boxed: rare, and its timer would otherwise sit in every request's
-                        // future (see `front`'s future sizes).
-                        resp = Box::pin(throttled(d.retry_after_ns)).await.into_response();
+                if auth_failure && !meta.throttled {
+                    if let Some(g) = state.failed_auth_gcra {
+                        let now_ns = now.timestamp_nanos_opt().unwrap_or(i64::MAX);
+                        let d = state.auth_throttle.check(ip, &g, now_ns);
+                        if !d.allowed {
+                            // Concurrent requests from this address all passed the check before
+                            // authenticating, and this failure is over its budget: it is answered
+                            // as throttled, so no address learns more 401s than its budget allows
+                            // however many requests it has in flight.
+                            // Boxed: rare, and its timer would otherwise sit in every request's
+                            // future (see `front`'s future sizes).
+                            resp = Box::pin(throttled(d.retry_after_ns)).await.into_response();
+                        }
                     }
                 }
             }
         }
+        resp
     }
-    resp
 }
 
 /// The longest a throttled address's refusal is held back.

@@ -29,17 +29,27 @@ where
 /// value), answering every failure in the error shape. The value is parsed with plain
 /// `serde_json` first; only a body that fails is parsed again through axum, whose error names the
 /// path of the field that failed (tracking that path costs every request otherwise).
-pub async fn json_body<T: DeserializeOwned>(req: Request) -> Result<T, ApiError> {
-    if !is_json(req.headers()) {
-        return Err(ApiError::new(ErrorCode::UnsupportedMediaType));
-    }
-    let bytes = read_body(req.into_body()).await?;
-    match serde_json::from_slice(&bytes) {
-        Ok(v) => Ok(v),
-        Err(_) => match axum::Json::<T>::from_bytes(&bytes) {
-            Ok(axum::Json(v)) => Ok(v),
-            Err(rej) => Err(json_rejection(rej)),
-        },
+///
+/// Not an `async fn`: the headers are judged before the future is made, so the future holds the
+/// body alone rather than the whole request (futures are copied whole as they are created and
+/// again into each one that awaits them; this one sits in every verification's).
+pub fn json_body<T: DeserializeOwned>(
+    req: Request,
+) -> impl std::future::Future<Output = Result<T, ApiError>> + Send {
+    let json = is_json(req.headers());
+    let body = req.into_body();
+    async move {
+        if !json {
+            return Err(ApiError::new(ErrorCode::UnsupportedMediaType));
+        }
+        let bytes = read_body(body).await?;
+        match serde_json::from_slice(&bytes) {
+            Ok(v) => Ok(v),
+            Err(_) => match axum::Json::<T>::from_bytes(&bytes) {
+                Ok(axum::Json(v)) => Ok(v),
+                Err(rej) => Err(json_rejection(rej)),
+            },
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use axum::extract::Request;
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
+use futures_util::FutureExt;
 
 tokio::task_local! {
     static REQUEST_ID: Arc<str>;
@@ -35,10 +36,18 @@ pub async fn middleware(req: Request, next: Next) -> Response {
 
 /// What [`middleware`] does around `next` for a request to `route` (its template), for the
 /// router's routes and the front door's alike.
-pub async fn around<F, Fut>(route: &str, req: Request, next: F) -> Response
+///
+/// Not an `async fn`: the id is picked and `next`'s future made before this future is, so the
+/// future holds the request's scope and what the response needs, not the request as well
+/// (every request's future is copied whole as it is created: see `front`'s future sizes).
+pub fn around<'a, F, Fut>(
+    route: &'a str,
+    req: Request,
+    next: F,
+) -> impl std::future::Future<Output = Response> + 'a
 where
     F: FnOnce(Request) -> Fut,
-    Fut: std::future::Future<Output = Response>,
+    Fut: std::future::Future<Output = Response> + 'a,
 {
     let start = std::time::Instant::now();
     let method = req.method().clone();
@@ -53,10 +62,14 @@ where
     };
     // A request id is ASCII by construction or by the check above.
     let header = HeaderValue::from_str(&id).ok();
-    let mut resp = REQUEST_ID.scope(id, next(req)).await;
-    if let Some(v) = header {
-        resp.headers_mut().insert("x-request-id", v);
-    }
-    crate::ops::record(route, &method, resp.status().as_u16(), start.elapsed());
-    resp
+    // `next` only builds its future here; the request runs when it is polled, in the scope.
+    // A `map` rather than an `async` block, which would hold the scoped future twice (as it
+    // captured it and as it awaits it).
+    REQUEST_ID.scope(id, next(req)).map(move |mut resp| {
+        if let Some(v) = header {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+        crate::ops::record(route, &method, resp.status().as_u16(), start.elapsed());
+        resp
+    })
 }

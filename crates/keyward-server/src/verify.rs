@@ -165,19 +165,22 @@ pub async fn verify(
     caller: Caller,
     ApiJson(body): ApiJson<proto::VerifyRequest>,
 ) -> Result<axum::response::Response, ApiError> {
-    answer(&state, caller, body).await
+    answer(&state, &caller, &body).await
 }
 
 /// The handler's work, for the router and the front door.
+///
+/// It borrows the caller and the body: its future then holds two pointers instead of both
+/// values (and every future around it a copy of them).
 pub async fn answer(
     state: &AppState,
-    caller: Caller,
-    body: proto::VerifyRequest,
+    caller: &Caller,
+    body: &proto::VerifyRequest,
 ) -> Result<axum::response::Response, ApiError> {
     static KEYS_VERIFY: std::sync::LazyLock<Vec<Scope>> =
         std::sync::LazyLock::new(|| Scope::parse("keys:verify").into_iter().collect());
     caller.require_parsed(&KEYS_VERIFY, &["keys:verify"])?;
-    let verified = verify_key(state, caller.org_id(), &body, &caller.ctx).await?;
+    let verified = verify_key(state, caller.org_id(), body, &caller.ctx).await?;
     let mut out = Vec::with_capacity(512);
     verified.write_json(&mut out);
     Ok(crate::render::json_bytes(out))
