@@ -13,6 +13,13 @@
 //!
 //! The generator shares the machine with the server, as the targets assume.
 //!
+//! Then the same static and verify requests against a reference server on bare hyper (this
+//! binary again, as `--bare-server`): `/healthz` and a verify-shaped handler that does only what
+//! any handler of that shape must (read and parse the JSON body, SHA-256 the key, one hash-map
+//! lookup, serialize an answer of the same shape with serde). Its ratio is the ceiling a
+//! verification on this machine and HTTP stack can reach; the gap between it and Keyward's ratio
+//! is Keyward's own work (the caller's authentication, the checks, the counters).
+//!
 //! Run: `cargo build --release -p keyward && cargo run --release -p keyward-load -- --keys 10000`.
 
 use std::io::{BufRead, BufReader};
@@ -57,6 +64,10 @@ struct Args {
     /// use a fresh schema (`...?options=-csearch_path%3Dkwload_1`, created beforehand).
     #[arg(long)]
     database_url: Option<String>,
+    /// Run as the bare-hyper reference server over the tokens in this file (one per line),
+    /// printing its address; the load run starts it itself.
+    #[arg(long, hide = true)]
+    bare_server: Option<PathBuf>,
 }
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -455,6 +466,9 @@ async fn drive(
 #[tokio::main]
 async fn main() -> Result<(), Failure> {
     let args = Args::parse();
+    if let Some(tokens) = &args.bare_server {
+        return bare::serve(tokens).await;
+    }
     if !args.bin.exists() {
         return Err(format!(
             "{} not found: run `cargo build --release -p keyward` first",
@@ -642,6 +656,62 @@ async fn main() -> Result<(), Failure> {
         "valid verify from 127.0.0.1 ({conns} conns): {:.0} req/s alone, {:.0} req/s during the flood ({:.0}%), p99 {:.2} ms",
         alone.rps(), during.rps(), 100.0 * during.rps() / alone.rps(), during.ms(0.99)
     );
+    drop(server);
+
+    // The reference: the same requests against bare hyper, with the same connection counts and
+    // rounds (and Keyward stopped, so the two do not share the machine).
+    let list = dir.path().join("tokens.txt");
+    std::fs::write(&list, tokens.join("\n"))?;
+    let bare = bare::start(&list)?;
+    println!(
+        "\nbare hyper reference (GET /healthz, and a verify-shaped POST /v1/keys/verify: body, JSON, SHA-256, lookup, JSON answer)"
+    );
+    println!(
+        "\n| conns | static req/s | verify-shaped req/s | verify-shaped vs static: median (range) of {} rounds | server CPU µs/req, static (user + sys) | server CPU µs/req, verify-shaped | generator CPU µs/req, static / verify-shaped |",
+        args.rounds.max(1)
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let pid = bare.child.id();
+    for &conns in &args.connections {
+        let mut rounds: Vec<[Measured; 2]> = Vec::new();
+        for _ in 0..args.rounds.max(1) {
+            let timed = |make: Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>| {
+                measure(
+                    pid,
+                    drive(bare.addr, None, conns, Some(secs), None, 200, make),
+                )
+            };
+            let stat = timed(Arc::new(|_| get("/healthz", None))).await?;
+            let w = wire.clone();
+            let ver = timed(Arc::new(move |i| w.verify(i * 7919))).await?;
+            if stat.run.errors + ver.run.errors > 0 {
+                return Err(format!(
+                    "the bare server answered {} requests with an unexpected status",
+                    stat.run.errors + ver.run.errors
+                )
+                .into());
+            }
+            rounds.push([stat, ver]);
+        }
+        let ratio = |r: &[Measured; 2]| 100.0 * r[1].run.rps() / r[0].run.rps();
+        rounds.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
+        let m = &rounds[rounds.len() / 2];
+        let per = |d: Duration, r: &Run| d.as_secs_f64() * 1e6 / r.requests.max(1) as f64;
+        println!(
+            "| {conns} | {:.0} | {:.0} | {:.0}% ({:.0}-{:.0}%) | {:.1} + {:.1} | {:.1} + {:.1} | {:.1} / {:.1} |",
+            m[0].run.rps(),
+            m[1].run.rps(),
+            ratio(m),
+            ratio(&rounds[0]),
+            ratio(&rounds[rounds.len() - 1]),
+            per(m[0].cpu.server_user, &m[0].run),
+            per(m[0].cpu.server_sys, &m[0].run),
+            per(m[1].cpu.server_user, &m[1].run),
+            per(m[1].cpu.server_sys, &m[1].run),
+            per(m[0].cpu.client, &m[0].run),
+            per(m[1].cpu.client, &m[1].run),
+        );
+    }
     Ok(())
 }
 
@@ -664,4 +734,159 @@ async fn cache_misses(addr: SocketAddr) -> Result<u64, Failure> {
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0) as u64)
+}
+
+/// The bare-hyper reference server: the floor a verification's HTTP handling costs here.
+mod bare {
+    use std::collections::HashMap;
+    use std::convert::Infallible;
+    use std::io::{BufRead, BufReader};
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::{Body, Incoming};
+    use hyper::{Method, Request, Response, StatusCode};
+    use hyper_util::rt::TokioIo;
+    use keyward_proto as proto;
+    use sha2::{Digest, Sha256};
+    use uuid::Uuid;
+
+    use super::{Failure, Server};
+
+    /// The digests of the keys the reference answers as valid.
+    struct Keys {
+        /// Each key's digest, to its id.
+        digests: HashMap<[u8; 32], Uuid>,
+        org_id: Uuid,
+        agent_id: Uuid,
+    }
+
+    /// Starts this binary as the reference server over the tokens in `list`.
+    pub fn start(list: &Path) -> Result<Server, Failure> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("--bare-server")
+            .arg(list)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let line = BufReader::new(stdout)
+            .lines()
+            .next()
+            .ok_or("the bare server exited before listening")??;
+        let addr = line
+            .strip_prefix("bare listening on ")
+            .ok_or_else(|| format!("unexpected bare server output: {line}"))?
+            .parse()?;
+        Ok(Server { child, addr })
+    }
+
+    /// Serves until killed: one task per connection, HTTP/1.1 keep-alive, as `keyward serve`
+    /// serves its connections (minus axum).
+    pub async fn serve(list: &Path) -> Result<(), Failure> {
+        let text = std::fs::read_to_string(list)?;
+        let keys = Arc::new(Keys {
+            digests: text
+                .lines()
+                .map(|t| (Sha256::digest(t.as_bytes()).into(), Uuid::now_v7()))
+                .collect(),
+            org_id: Uuid::now_v7(),
+            agent_id: Uuid::now_v7(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        println!("bare listening on {}", listener.local_addr()?);
+        loop {
+            let (stream, _) = listener.accept().await?;
+            stream.set_nodelay(true)?;
+            let keys = keys.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| answer(req, keys.clone()));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+
+    fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        resp
+    }
+
+    async fn answer(
+        req: Request<Incoming>,
+        keys: Arc<Keys>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        Ok(match (req.method(), req.uri().path()) {
+            (&Method::GET, "/healthz") => json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec()),
+            (&Method::POST, "/v1/keys/verify") => match read(req.into_body()).await {
+                Some(body) => verify(&body, &keys),
+                None => json(StatusCode::BAD_REQUEST, b"{}".to_vec()),
+            },
+            _ => json(StatusCode::NOT_FOUND, b"{}".to_vec()),
+        })
+    }
+
+    /// The body, read until it says it has ended (as Keyward reads it, without polling once
+    /// more for the end of the stream).
+    async fn read(mut body: Incoming) -> Option<Bytes> {
+        let mut out = Vec::new();
+        while !body.is_end_stream() {
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        out.extend_from_slice(&d);
+                    }
+                }
+                Some(Err(_)) => return None,
+                None => break,
+            }
+        }
+        Some(out.into())
+    }
+
+    /// Parse, hash, look up, answer: what any verify-shaped handler does.
+    fn verify(body: &[u8], keys: &Keys) -> Response<Full<Bytes>> {
+        let Ok(req) = serde_json::from_slice::<proto::VerifyRequest>(body) else {
+            return json(StatusCode::BAD_REQUEST, b"{}".to_vec());
+        };
+        let digest: [u8; 32] = Sha256::digest(req.key.as_bytes()).into();
+        let found = keys.digests.get(&digest).copied();
+        let answer = proto::VerifyResponse {
+            valid: found.is_some(),
+            code: if found.is_some() {
+                "VALID"
+            } else {
+                "INVALID_API_KEY"
+            }
+            .to_string(),
+            key_id: found,
+            agent_id: Some(keys.agent_id),
+            org_id: Some(keys.org_id),
+            kind: Some("agent".into()),
+            environment: Some("live".into()),
+            scopes: Some(vec!["slack:chat:write".into()]),
+            expires_at: None,
+            deprecated: Some(false),
+            ratelimit: None,
+            quota: None,
+            agent: Some(proto::VerifyAgent {
+                id: keys.agent_id,
+                name: "load-agent".into(),
+                status: "active".into(),
+            }),
+        };
+        match serde_json::to_vec(&answer) {
+            Ok(b) => json(StatusCode::OK, b),
+            Err(_) => json(StatusCode::INTERNAL_SERVER_ERROR, b"{}".to_vec()),
+        }
+    }
 }
