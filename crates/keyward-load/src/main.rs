@@ -13,8 +13,8 @@
 //!
 //! The generator shares the machine with the server, as the targets assume.
 //!
-//! Then the same static and verify requests against a reference server on bare hyper (this
-//! binary again, as `--bare-server`): `/healthz` and a verify-shaped handler that does only what
+//! Then the same static and verify requests against a reference server on bare hyper
+//! (`keyward-bare`, built beside this binary): `/healthz` and a verify-shaped handler that does only what
 //! any handler of that shape must (read and parse the JSON body, SHA-256 the key, one hash-map
 //! lookup, serialize an answer of the same shape with serde). Its ratio is the ceiling a
 //! verification on this machine and HTTP stack can reach; the gap between it and Keyward's ratio
@@ -64,10 +64,6 @@ struct Args {
     /// use a fresh schema (`...?options=-csearch_path%3Dkwload_1`, created beforehand).
     #[arg(long)]
     database_url: Option<String>,
-    /// Run as the bare-hyper reference server over the tokens in this file (one per line),
-    /// printing its address; the load run starts it itself.
-    #[arg(long, hide = true)]
-    bare_server: Option<PathBuf>,
 }
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -281,7 +277,12 @@ async fn start(
         .stderr(Stdio::inherit())
         .spawn()?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
-    let addr: SocketAddr = {
+    // Owned by the guard before anything can fail, so the server is stopped however this ends.
+    let mut server = Server {
+        child,
+        addr: ([127, 0, 0, 1], 0).into(),
+    };
+    server.addr = {
         let mut lines = BufReader::new(stdout).lines();
         loop {
             let line = lines.next().ok_or("serve exited before listening")??;
@@ -290,7 +291,7 @@ async fn start(
             }
         }
     };
-    let server = Server { child, addr };
+    let addr = server.addr;
     loop {
         if let Ok(s) = send_once(addr, get("/healthz", None)).await {
             if s == 200 {
@@ -466,9 +467,6 @@ async fn drive(
 #[tokio::main]
 async fn main() -> Result<(), Failure> {
     let args = Args::parse();
-    if let Some(tokens) = &args.bare_server {
-        return bare::serve(tokens).await;
-    }
     if !args.bin.exists() {
         return Err(format!(
             "{} not found: run `cargo build --release -p keyward` first",
@@ -736,157 +734,45 @@ async fn cache_misses(addr: SocketAddr) -> Result<u64, Failure> {
         .unwrap_or(0.0) as u64)
 }
 
-/// The bare-hyper reference server: the floor a verification's HTTP handling costs here.
+/// Starting the bare-hyper reference server (`src/bin/keyward-bare.rs`).
 mod bare {
-    use std::collections::HashMap;
-    use std::convert::Infallible;
     use std::io::{BufRead, BufReader};
     use std::path::Path;
     use std::process::{Command, Stdio};
-    use std::sync::Arc;
-
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, Full};
-    use hyper::body::{Body, Incoming};
-    use hyper::{Method, Request, Response, StatusCode};
-    use hyper_util::rt::TokioIo;
-    use keyward_proto as proto;
-    use sha2::{Digest, Sha256};
-    use uuid::Uuid;
 
     use super::{Failure, Server};
 
-    /// The digests of the keys the reference answers as valid.
-    struct Keys {
-        /// Each key's digest, to its id.
-        digests: HashMap<[u8; 32], Uuid>,
-        org_id: Uuid,
-        agent_id: Uuid,
-    }
-
-    /// Starts this binary as the reference server over the tokens in `list`.
+    /// Starts the reference server, built beside this binary, over the tokens in `list`.
     pub fn start(list: &Path) -> Result<Server, Failure> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .arg("--bare-server")
+        let exe = std::env::current_exe()?;
+        let bin = exe.with_file_name("keyward-bare");
+        if !bin.exists() {
+            return Err(format!(
+                "{} not found: run `cargo build --release -p keyward-load` first",
+                bin.display()
+            )
+            .into());
+        }
+        let mut child = Command::new(&bin)
             .arg(list)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
+        // Owned by the guard before anything can fail, so the server is stopped however this
+        // ends.
+        let mut server = Server {
+            child,
+            addr: ([127, 0, 0, 1], 0).into(),
+        };
         let line = BufReader::new(stdout)
             .lines()
             .next()
             .ok_or("the bare server exited before listening")??;
-        let addr = line
+        server.addr = line
             .strip_prefix("bare listening on ")
             .ok_or_else(|| format!("unexpected bare server output: {line}"))?
             .parse()?;
-        Ok(Server { child, addr })
-    }
-
-    /// Serves until killed: one task per connection, HTTP/1.1 keep-alive, as `keyward serve`
-    /// serves its connections (minus axum).
-    pub async fn serve(list: &Path) -> Result<(), Failure> {
-        let text = std::fs::read_to_string(list)?;
-        let keys = Arc::new(Keys {
-            digests: text
-                .lines()
-                .map(|t| (Sha256::digest(t.as_bytes()).into(), Uuid::now_v7()))
-                .collect(),
-            org_id: Uuid::now_v7(),
-            agent_id: Uuid::now_v7(),
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        println!("bare listening on {}", listener.local_addr()?);
-        loop {
-            let (stream, _) = listener.accept().await?;
-            stream.set_nodelay(true)?;
-            let keys = keys.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| answer(req, keys.clone()));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    }
-
-    fn json(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
-        let mut resp = Response::new(Full::new(Bytes::from(body)));
-        *resp.status_mut() = status;
-        resp.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("application/json"),
-        );
-        resp
-    }
-
-    async fn answer(
-        req: Request<Incoming>,
-        keys: Arc<Keys>,
-    ) -> Result<Response<Full<Bytes>>, Infallible> {
-        Ok(match (req.method(), req.uri().path()) {
-            (&Method::GET, "/healthz") => json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec()),
-            (&Method::POST, "/v1/keys/verify") => match read(req.into_body()).await {
-                Some(body) => verify(&body, &keys),
-                None => json(StatusCode::BAD_REQUEST, b"{}".to_vec()),
-            },
-            _ => json(StatusCode::NOT_FOUND, b"{}".to_vec()),
-        })
-    }
-
-    /// The body, read until it says it has ended (as Keyward reads it, without polling once
-    /// more for the end of the stream).
-    async fn read(mut body: Incoming) -> Option<Bytes> {
-        let mut out = Vec::new();
-        while !body.is_end_stream() {
-            match body.frame().await {
-                Some(Ok(f)) => {
-                    if let Ok(d) = f.into_data() {
-                        out.extend_from_slice(&d);
-                    }
-                }
-                Some(Err(_)) => return None,
-                None => break,
-            }
-        }
-        Some(out.into())
-    }
-
-    /// Parse, hash, look up, answer: what any verify-shaped handler does.
-    fn verify(body: &[u8], keys: &Keys) -> Response<Full<Bytes>> {
-        let Ok(req) = serde_json::from_slice::<proto::VerifyRequest>(body) else {
-            return json(StatusCode::BAD_REQUEST, b"{}".to_vec());
-        };
-        let digest: [u8; 32] = Sha256::digest(req.key.as_bytes()).into();
-        let found = keys.digests.get(&digest).copied();
-        let answer = proto::VerifyResponse {
-            valid: found.is_some(),
-            code: if found.is_some() {
-                "VALID"
-            } else {
-                "INVALID_API_KEY"
-            }
-            .to_string(),
-            key_id: found,
-            agent_id: Some(keys.agent_id),
-            org_id: Some(keys.org_id),
-            kind: Some("agent".into()),
-            environment: Some("live".into()),
-            scopes: Some(vec!["slack:chat:write".into()]),
-            expires_at: None,
-            deprecated: Some(false),
-            ratelimit: None,
-            quota: None,
-            agent: Some(proto::VerifyAgent {
-                id: keys.agent_id,
-                name: "load-agent".into(),
-                status: "active".into(),
-            }),
-        };
-        match serde_json::to_vec(&answer) {
-            Ok(b) => json(StatusCode::OK, b),
-            Err(_) => json(StatusCode::INTERNAL_SERVER_ERROR, b"{}".to_vec()),
-        }
+        Ok(server)
     }
 }

@@ -40,6 +40,9 @@ pub async fn middleware(req: Request, next: Next) -> Response {
 /// Not an `async fn`: the id is picked and `next`'s future made before this future is, so the
 /// future holds the request's scope and what the response needs, not the request as well
 /// (every request's future is copied whole as it is created: see `front`'s future sizes).
+/// `next` is called outside the request's scope, so it must only build its future and do the
+/// request's work in it (as `Next::run` and the front door's handlers do), where
+/// [`current`] answers the request's id.
 pub fn around<'a, F, Fut>(
     route: &'a str,
     req: Request,

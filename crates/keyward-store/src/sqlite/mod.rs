@@ -169,8 +169,6 @@ fn key_with_agent<R: Columns>(row: &R) -> StoreResult<KeyWithAgent> {
     })
 }
 
-/// Maps sqlx errors to domain errors once, here.
-/// Most usage rows written by one statement (a JSON array of about 100 bytes a row).
 /// Rows per multi-row upsert of the usage flush. A batch runs as statements of this many rows,
 /// then its remainder in powers of two (see [`statement_sizes`]): whatever the batch's size, at
 /// most nine distinct statement texts per table, each prepared once per connection (sqlx caches
@@ -204,6 +202,7 @@ fn values_sql(head: &str, row: &str, n: usize, tail: &str) -> String {
     sql
 }
 
+/// Maps sqlx errors to domain errors once, here.
 fn map_err(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::Database(db) if db.is_unique_violation() => {
