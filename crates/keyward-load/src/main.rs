@@ -527,22 +527,10 @@ async fn main() -> Result<(), Failure> {
         // Rounds of static, verify, me back to back: each ratio compares runs seconds apart, so
         // the machine's drift (a shared VM's speed moves by tens of percent over minutes) cancels
         // out of it; the table shows the median round and the range over rounds.
-        let mut rounds: Vec<[Measured; 3]> = Vec::new();
-        for _ in 0..args.rounds.max(1) {
-            // One timed run of `make`'s requests over `conns` connections, all answered 200.
-            let timed = |make: Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>| {
-                measure(
-                    pid,
-                    drive(server.addr, None, conns, Some(secs), None, 200, make),
-                )
-            };
-            let stat = timed(Arc::new(|_| get("/healthz", None))).await?;
-            let w = wire.clone();
-            let ver = timed(Arc::new(move |i| w.verify(i * 7919))).await?;
-            let w = wire.clone();
-            let me = timed(Arc::new(move |i| w.me(i * 7919))).await?;
-            if std::env::var("KEYWARD_LOAD_DEBUG").is_ok() {
-                for (name, m) in [("static", &stat), ("verify", &ver), ("me", &me)] {
+        let rounds = rounds_of(pid, server.addr, conns, secs, args.rounds, &wire, true).await?;
+        if std::env::var("KEYWARD_LOAD_DEBUG").is_ok() {
+            for round in &rounds {
+                for (name, m) in ["static", "verify", "me"].iter().zip(round) {
                     let qs: Vec<String> = [0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999]
                         .iter()
                         .map(|q| format!("p{}={:.2}", q * 100.0, m.run.ms(*q)))
@@ -550,12 +538,11 @@ async fn main() -> Result<(), Failure> {
                     println!("  {name}: {:.0} req/s {}", m.run.rps(), qs.join(" "));
                 }
             }
-            rounds.push([stat, ver, me]);
         }
         // Every row's req/s, latencies and CPU come from one round, the one whose verify/static
         // ratio is the median (so verify's req/s over static's is its ratio); each row's ratio
         // column is the median and range of its own ratios over the rounds.
-        let ratio_of = |r: &[Measured; 3], i: usize| 100.0 * r[i].run.rps() / r[0].run.rps();
+        let ratio_of = |r: &[Measured], i: usize| 100.0 * r[i].run.rps() / r[0].run.rps();
         let shown = {
             let mut order: Vec<usize> = (0..rounds.len()).collect();
             order.sort_by(|a, b| ratio_of(&rounds[*a], 1).total_cmp(&ratio_of(&rounds[*b], 1)));
@@ -671,27 +658,15 @@ async fn main() -> Result<(), Failure> {
     println!("|---|---|---|---|---|---|---|");
     let pid = bare.child.id();
     for &conns in &args.connections {
-        let mut rounds: Vec<[Measured; 2]> = Vec::new();
-        for _ in 0..args.rounds.max(1) {
-            let timed = |make: Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>| {
-                measure(
-                    pid,
-                    drive(bare.addr, None, conns, Some(secs), None, 200, make),
-                )
-            };
-            let stat = timed(Arc::new(|_| get("/healthz", None))).await?;
-            let w = wire.clone();
-            let ver = timed(Arc::new(move |i| w.verify(i * 7919))).await?;
-            if stat.run.errors + ver.run.errors > 0 {
-                return Err(format!(
-                    "the bare server answered {} requests with an unexpected status",
-                    stat.run.errors + ver.run.errors
-                )
-                .into());
-            }
-            rounds.push([stat, ver]);
+        let mut rounds = rounds_of(pid, bare.addr, conns, secs, args.rounds, &wire, false).await?;
+        let errors: u64 = rounds.iter().flatten().map(|m| m.run.errors).sum();
+        if errors > 0 {
+            return Err(format!(
+                "the bare server answered {errors} requests with an unexpected status"
+            )
+            .into());
         }
-        let ratio = |r: &[Measured; 2]| 100.0 * r[1].run.rps() / r[0].run.rps();
+        let ratio = |r: &Vec<Measured>| 100.0 * r[1].run.rps() / r[0].run.rps();
         rounds.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
         let m = &rounds[rounds.len() / 2];
         let per = |d: Duration, r: &Run| d.as_secs_f64() * 1e6 / r.requests.max(1) as f64;
@@ -711,6 +686,37 @@ async fn main() -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// `rounds` rounds of the static, verify and (with `me`) `GET /v1/me` requests back to back
+/// against the server at `addr` (process `pid`), each over `conns` connections for `secs`:
+/// each ratio then compares runs seconds apart, so the machine's drift (a shared VM's speed
+/// moves by tens of percent over minutes) cancels out of it.
+async fn rounds_of(
+    pid: u32,
+    addr: SocketAddr,
+    conns: usize,
+    secs: Duration,
+    rounds: usize,
+    wire: &Arc<Wire>,
+    me: bool,
+) -> Result<Vec<Vec<Measured>>, Failure> {
+    let mut out = Vec::new();
+    for _ in 0..rounds.max(1) {
+        // One timed run of `make`'s requests over `conns` connections, all answered 200.
+        let timed = |make: Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>| {
+            measure(pid, drive(addr, None, conns, Some(secs), None, 200, make))
+        };
+        let mut round = vec![timed(Arc::new(|_| get("/healthz", None))).await?];
+        let w = wire.clone();
+        round.push(timed(Arc::new(move |i| w.verify(i * 7919))).await?);
+        if me {
+            let w = wire.clone();
+            round.push(timed(Arc::new(move |i| w.me(i * 7919))).await?);
+        }
+        out.push(round);
+    }
+    Ok(out)
 }
 
 async fn fetch(addr: SocketAddr, path: &str) -> Result<(u16, String), Failure> {

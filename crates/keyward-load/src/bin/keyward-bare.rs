@@ -1,8 +1,7 @@
 //! `keyward-bare`: the reference server `keyward-load` measures beside Keyward. On bare hyper
 //! (no axum, no middleware), with the allocator and runtime `keyward serve` uses, it answers
 //! `GET /healthz` and a verify-shaped `POST /v1/keys/verify` that does only what any handler of
-//! that shape must: read the body (as Keyward does: until it says it has ended, the first chunk
-//! kept without copying), parse it as JSON, SHA-256 the key, look it up in a hash map and
+//! that shape must: read the body (with Keyward's own `extract::read_body`), parse it as JSON, SHA-256 the key, look it up in a hash map and
 //! serialize an answer of verify's shape with serde. The ratio of the two is the ceiling of
 //! verify/static on this machine and HTTP stack.
 //!
@@ -15,8 +14,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Incoming};
+use http_body_util::Full;
+use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use keyward_proto as proto;
@@ -88,39 +87,15 @@ async fn answer(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => json(StatusCode::OK, br#"{"status":"ok"}"#.to_vec()),
-        (&Method::POST, "/v1/keys/verify") => match read(req.into_body()).await {
-            Some(body) => verify(&body, &keys),
-            None => json(StatusCode::BAD_REQUEST, b"{}".to_vec()),
-        },
-        _ => json(StatusCode::NOT_FOUND, b"{}".to_vec()),
-    })
-}
-
-/// The body, read until it says it has ended, its first chunk kept without copying (as
-/// Keyward's `extract::read_body` reads it).
-async fn read(mut body: Incoming) -> Option<Bytes> {
-    let mut first: Option<Bytes> = None;
-    let mut rest: Vec<u8> = Vec::new();
-    while !body.is_end_stream() {
-        let data = match body.frame().await {
-            Some(Ok(f)) => match f.into_data() {
-                Ok(d) => d,
-                Err(_) => continue,
-            },
-            Some(Err(_)) => return None,
-            None => break,
-        };
-        match &first {
-            None if rest.is_empty() => first = Some(data),
-            _ => {
-                if let Some(f) = first.take() {
-                    rest.extend_from_slice(&f);
-                }
-                rest.extend_from_slice(&data);
+        // Read as Keyward reads a body (the same function, over the same boxed body).
+        (&Method::POST, "/v1/keys/verify") => {
+            match keyward_server::extract::read_body(axum::body::Body::new(req.into_body())).await {
+                Ok(body) => verify(&body, &keys),
+                Err(_) => json(StatusCode::BAD_REQUEST, b"{}".to_vec()),
             }
         }
-    }
-    Some(first.unwrap_or_else(|| rest.into()))
+        _ => json(StatusCode::NOT_FOUND, b"{}".to_vec()),
+    })
 }
 
 /// Parse, hash, look up, answer: what any verify-shaped handler does.
