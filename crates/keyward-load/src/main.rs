@@ -265,32 +265,38 @@ fn chrono_now() -> keyward_core::model::Timestamp {
     keyward_core::clock::SystemClock.now()
 }
 
+/// Spawns a server and reads its address from the line of its output that starts with
+/// `prefix`. The guard owns the process before anything can fail, so it is stopped however the
+/// run ends.
+fn spawn_listening(mut cmd: Command, prefix: &str) -> Result<Server, Failure> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut server = Server {
+        child,
+        addr: ([127, 0, 0, 1], 0).into(),
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    server.addr = loop {
+        let line = lines.next().ok_or("the server exited before listening")??;
+        if let Some(a) = line.strip_prefix(prefix) {
+            break a.trim().parse()?;
+        }
+    };
+    Ok(server)
+}
+
 async fn start(
     bin: &PathBuf,
     data: &std::path::Path,
     db: Option<&str>,
 ) -> Result<(Server, Duration), Failure> {
     let started = Instant::now();
-    let mut child = keyward(bin, data, db)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    // Owned by the guard before anything can fail, so the server is stopped however this ends.
-    let mut server = Server {
-        child,
-        addr: ([127, 0, 0, 1], 0).into(),
-    };
-    server.addr = {
-        let mut lines = BufReader::new(stdout).lines();
-        loop {
-            let line = lines.next().ok_or("serve exited before listening")??;
-            if let Some(a) = line.strip_prefix("Keyward listening on http://") {
-                break a.trim().parse()?;
-            }
-        }
-    };
+    let mut cmd = keyward(bin, data, db);
+    cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+    let server = spawn_listening(cmd, "Keyward listening on http://")?;
     let addr = server.addr;
     loop {
         if let Ok(s) = send_once(addr, get("/healthz", None)).await {
@@ -742,9 +748,8 @@ async fn cache_misses(addr: SocketAddr) -> Result<u64, Failure> {
 
 /// Starting the bare-hyper reference server (`src/bin/keyward-bare.rs`).
 mod bare {
-    use std::io::{BufRead, BufReader};
     use std::path::Path;
-    use std::process::{Command, Stdio};
+    use std::process::Command;
 
     use super::{Failure, Server};
 
@@ -759,26 +764,8 @@ mod bare {
             )
             .into());
         }
-        let mut child = Command::new(&bin)
-            .arg(list)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        // Owned by the guard before anything can fail, so the server is stopped however this
-        // ends.
-        let mut server = Server {
-            child,
-            addr: ([127, 0, 0, 1], 0).into(),
-        };
-        let line = BufReader::new(stdout)
-            .lines()
-            .next()
-            .ok_or("the bare server exited before listening")??;
-        server.addr = line
-            .strip_prefix("bare listening on ")
-            .ok_or_else(|| format!("unexpected bare server output: {line}"))?
-            .parse()?;
-        Ok(server)
+        let mut cmd = Command::new(&bin);
+        cmd.arg(list);
+        super::spawn_listening(cmd, "bare listening on ")
     }
 }
