@@ -55,13 +55,14 @@ impl Gcra {
         let t = self.emission_ns as i64;
         let cap = self.capacity_ns();
         let used = tat_ns.max(now_ns) - now_ns;
-        let next = self.check(tat_ns, now_ns);
+        // What one more request would take the bucket to (as `check` computes it).
+        let after = used.saturating_add(t);
         Decision {
-            allowed: next.allowed,
+            allowed: after <= cap,
             tat_ns,
             remaining: ((cap - used).max(0) / t) as u64,
             reset_after_ns: used,
-            retry_after_ns: next.retry_after_ns,
+            retry_after_ns: (after - cap).max(0),
         }
     }
 

@@ -944,8 +944,9 @@ impl Store for SqliteStore {
         // Multi-row upserts with bound values: sqlx runs every SQLite statement on the
         // connection's worker thread, so a statement per row cost two thread hand-offs each
         // (10,000 used keys: a tenth of the server's CPU under load). Bound values rather than
-        // one JSON array unrolled by `json_each`: parsing the rows back out of JSON took half the
-        // flush (10,000 keys: 39 ms per flush with JSON, 18 ms bound; `examples/flush_cost.rs`).
+        // one JSON array unrolled by `json_each`: parsing the rows back out of JSON took a quarter to a
+        // third of the flush (10,000 keys: 35-37 ms per flush with JSON, 24-31 ms bound, 3 runs each of
+        // `examples/flush_cost.rs`).
         let mut rows = deltas.iter();
         for n in statement_sizes(deltas.len()) {
             let sql = values_sql(
