@@ -15,7 +15,6 @@ use keyward_core::auth::{check_key, check_scopes, Denial};
 use keyward_core::model::{AuditEvent, Key, Outcome, TraceContext};
 use keyward_core::rules::{ConstraintError, RequestFacts};
 use keyward_core::scope::Scope;
-use keyward_core::secret::Secret;
 use keyward_core::token::{TokenDigest, TokenKind};
 use keyward_proto::ErrorCode;
 use serde_json::{json, Value};
@@ -138,9 +137,31 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
+/// Header names the hot path reads and writes, as constants: looking a header up (or inserting
+/// one) by a `&str` parses and validates the name on every call (about 300 instructions each,
+/// several per verification), a `HeaderName` is matched as it is.
+pub(crate) mod names {
+    use axum::http::HeaderName;
+
+    pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+    pub static API_KEY: HeaderName = HeaderName::from_static("api-key");
+    pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    pub static KEYWARD_CONSTRAINTS: HeaderName = HeaderName::from_static("keyward-constraints");
+    pub static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+    pub static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+    pub static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+    pub static KEYWARD_KEY_DEPRECATED: HeaderName =
+        HeaderName::from_static("keyward-key-deprecated");
+    pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+}
+
 /// Reads the credential: `Authorization: Bearer`, then `X-API-Key`, then `Api-Key`.
-pub fn credential(headers: &HeaderMap) -> Result<Secret, ApiError> {
-    if let Some(v) = headers.get("authorization") {
+///
+/// Borrowed from the request's headers, not copied: the token is only hashed and, on a cache
+/// miss, parsed, and a copy would be one more allocation, and one more place holding the
+/// plaintext, per request.
+pub fn credential(headers: &HeaderMap) -> Result<&str, ApiError> {
+    if let Some(v) = headers.get(axum::http::header::AUTHORIZATION) {
         let s = v
             .to_str()
             .map_err(|_| ApiError::new(ErrorCode::InvalidApiKey))?;
@@ -149,14 +170,14 @@ pub fn credential(headers: &HeaderMap) -> Result<Secret, ApiError> {
             return Err(ApiError::new(ErrorCode::InvalidApiKey)
                 .msg("The Authorization header must use the Bearer scheme"));
         }
-        return Ok(Secret::new(rest.trim().to_string()));
+        return Ok(rest.trim());
     }
-    for name in ["x-api-key", "api-key"] {
+    for name in [&names::X_API_KEY, &names::API_KEY] {
         if let Some(v) = headers.get(name) {
             let s = v
                 .to_str()
                 .map_err(|_| ApiError::new(ErrorCode::InvalidApiKey))?;
-            return Ok(Secret::new(s.trim().to_string()));
+            return Ok(s.trim());
         }
     }
     Err(ApiError::new(ErrorCode::MissingCredentials))
@@ -171,7 +192,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) ->
         return peer;
     }
     let mut client = peer;
-    for v in headers.get_all("x-forwarded-for") {
+    for v in headers.get_all(&names::X_FORWARDED_FOR) {
         let Ok(s) = v.to_str() else { return client };
         for part in s.rsplit(',') {
             match part.trim().parse::<IpAddr>() {
@@ -298,9 +319,12 @@ impl RateHeaders {
 
     fn apply(&self, resp: &mut Response) {
         let h = resp.headers_mut();
-        h.insert("x-ratelimit-limit", HeaderValue::from(self.limit));
-        h.insert("x-ratelimit-remaining", HeaderValue::from(self.remaining));
-        h.insert("x-ratelimit-reset", HeaderValue::from(self.reset));
+        h.insert(&names::X_RATELIMIT_LIMIT, HeaderValue::from(self.limit));
+        h.insert(
+            &names::X_RATELIMIT_REMAINING,
+            HeaderValue::from(self.remaining),
+        );
+        h.insert(&names::X_RATELIMIT_RESET, HeaderValue::from(self.reset));
     }
 }
 
@@ -429,10 +453,12 @@ pub fn apply_constraints(
 }
 
 fn deprecation_headers(resp: &mut Response) {
-    resp.headers_mut()
-        .insert("keyward-key-deprecated", HeaderValue::from_static("true"));
     resp.headers_mut().insert(
-        "warning",
+        &names::KEYWARD_KEY_DEPRECATED,
+        HeaderValue::from_static("true"),
+    );
+    resp.headers_mut().insert(
+        axum::http::header::WARNING,
         HeaderValue::from_static("299 - \"API key is deprecated\""),
     );
 }
@@ -706,9 +732,9 @@ async fn authenticate(
     }
     let token = credential(req.headers())?;
     let prepared = match callers {
-        None => lookup(state, token.expose(), now_ms).await?,
+        None => lookup(state, token, now_ms).await?,
         Some(callers) => {
-            let digest = crate::cache::VerifyCache::digest_of(token.expose())
+            let digest = crate::cache::VerifyCache::digest_of(token)
                 .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey))?;
             match callers.get(state, &digest, now_ms) {
                 Some(p) => {
@@ -718,13 +744,7 @@ async fn authenticate(
                 None => {
                     let shared = state
                         .cache
-                        .lookup_digest(
-                            state.store.as_ref(),
-                            &state.meter,
-                            token.expose(),
-                            digest,
-                            now_ms,
-                        )
+                        .lookup_digest(state.store.as_ref(), &state.meter, token, digest, now_ms)
                         .await?
                         .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey))?;
                     callers.put(shared)
@@ -780,7 +800,7 @@ async fn check(
     // Scopes are only copied when a constraints header narrows them.
     let mut narrowed = None;
     let mut own_rule = None;
-    if let Some(v) = req.headers().get("keyward-constraints") {
+    if let Some(v) = req.headers().get(&names::KEYWARD_CONSTRAINTS) {
         let v = v.to_str().map_err(|_| {
             ApiError::validation("Keyward-Constraints", "must be base64url-encoded JSON")
         })?;

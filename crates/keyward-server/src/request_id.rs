@@ -56,7 +56,7 @@ where
     let method = req.method().clone();
     let id: Arc<str> = match req
         .headers()
-        .get("x-request-id")
+        .get(&crate::auth::names::X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|s| keyward_core::validate::request_id(s))
     {
@@ -70,7 +70,8 @@ where
     // captured it and as it awaits it).
     REQUEST_ID.scope(id, next(req)).map(move |mut resp| {
         if let Some(v) = header {
-            resp.headers_mut().insert("x-request-id", v);
+            resp.headers_mut()
+                .insert(&crate::auth::names::X_REQUEST_ID, v);
         }
         crate::ops::record(route, &method, resp.status().as_u16(), start.elapsed());
         resp
