@@ -138,8 +138,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 }
 
 /// Header names the hot path reads and writes, as constants: looking a header up (or inserting
-/// one) by a `&str` parses and validates the name on every call (about 300 instructions each,
-/// several per verification), a `HeaderName` is matched as it is.
+/// one) by a `&str` parses and validates the name on every call, a `HeaderName` is matched as it
+/// is (callgrind: about 750 instructions less per verification).
 pub(crate) mod names {
     use axum::http::HeaderName;
 
