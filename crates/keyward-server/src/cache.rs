@@ -665,46 +665,23 @@ mod tests {
         use super::Prepared;
         use keyward_core::model::Key;
         use std::mem::offset_of;
-        // Where a field ends in the allocation, from its offset and its type's size.
-        fn end<T, F>(offset: usize, _: fn(&T) -> &F) -> usize {
-            16 + offset + std::mem::size_of::<F>()
+        // The size of a field's type, named by a projection to it.
+        fn size<T, F>(_: fn(&T) -> &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        // Where each named field of `$t` ends in the allocation: the `Arc`'s 16 bytes, `$base`
+        // (where `$t` starts in the snapshot), the field's offset and its size.
+        macro_rules! ends {
+            ($base:expr, $t:ty: $($f:ident),+) => {
+                [$(16 + $base + offset_of!($t, $f) + size(|v: &$t| &v.$f)),+]
+            };
         }
         let key = offset_of!(Prepared, key);
-        let hot = [
-            end(offset_of!(Prepared, stamp), |p: &Prepared| &p.stamp),
-            end(offset_of!(Prepared, agent_status), |p: &Prepared| {
-                &p.agent_status
-            }),
-            end(offset_of!(Prepared, live), |p: &Prepared| &p.live),
-            end(offset_of!(Prepared, bucket), |p: &Prepared| &p.bucket),
-            end(offset_of!(Prepared, rate), |p: &Prepared| &p.rate),
-            end(offset_of!(Prepared, rules), |p: &Prepared| &p.rules),
-            end(offset_of!(Prepared, agent_name), |p: &Prepared| {
-                &p.agent_name
-            }),
-            end(key + offset_of!(Key, id), |k: &Key| &k.id),
-            end(key + offset_of!(Key, digest), |k: &Key| &k.digest),
-            end(key + offset_of!(Key, org_id), |k: &Key| &k.org_id),
-            end(key + offset_of!(Key, agent_id), |k: &Key| &k.agent_id),
-            end(key + offset_of!(Key, parent_key_id), |k: &Key| {
-                &k.parent_key_id
-            }),
-            end(key + offset_of!(Key, kind), |k: &Key| &k.kind),
-            end(key + offset_of!(Key, environment), |k: &Key| &k.environment),
-            end(key + offset_of!(Key, requires_signature), |k: &Key| {
-                &k.requires_signature
-            }),
-            end(key + offset_of!(Key, expires_at), |k: &Key| &k.expires_at),
-            end(key + offset_of!(Key, deprecated_at), |k: &Key| {
-                &k.deprecated_at
-            }),
-            end(key + offset_of!(Key, revoked_at), |k: &Key| &k.revoked_at),
-            end(key + offset_of!(Key, scopes), |k: &Key| &k.scopes),
-            end(key + offset_of!(Key, cidr_allowlist), |k: &Key| {
-                &k.cidr_allowlist
-            }),
-            end(key + offset_of!(Key, quota), |k: &Key| &k.quota),
-        ];
+        let snapshot =
+            ends!(0, Prepared: stamp, agent_status, live, bucket, rate, rules, agent_name);
+        let of_key = ends!(key, Key: id, digest, org_id, agent_id, parent_key_id, kind, environment,
+            requires_signature, expires_at, deprecated_at, revoked_at, scopes, cidr_allowlist, quota);
+        let hot: Vec<usize> = snapshot.into_iter().chain(of_key).collect();
         assert!(hot.iter().all(|&e| e <= 6 * 64), "{hot:?}");
         let digest = 16 + key + offset_of!(Key, digest);
         assert_eq!(
