@@ -147,13 +147,15 @@ fn hot_route(conn: Arc<Conn>, hot: Hot, req: Request) -> impl Future<Output = Re
 }
 
 /// `POST /v1/keys/verify` with its body extractor, as the router would run it (the extractor
-/// is [`crate::extract::json_body`], which `ApiJson` calls).
+/// is [`crate::extract::json_body`], which `ApiJson` calls, with the usual `{"key": ...}` body
+/// read by hand first: see [`proto::VerifyRequest::parse_key_only`]).
 ///
 /// Combinators rather than an `async fn`, and the body boxed: this future is boxed (copied
 /// whole) on every verification, and an `async fn` would hold the request and the parsed body
 /// inline beside the handler's future.
 fn verify(state: &AppState, req: Request, caller: Caller) -> impl Future<Output = Response> + '_ {
-    crate::extract::json_body::<Box<proto::VerifyRequest>>(req).then(move |body| async move {
+    let fast = |b: &[u8]| proto::VerifyRequest::parse_key_only(b).map(Box::new);
+    crate::extract::json_body_or(req, fast).then(move |body| async move {
         match body {
             Ok(body) => into_response(crate::verify::answer(state, &caller, &body).await),
             Err(e) => e.into_response(),
