@@ -165,6 +165,17 @@ pub fn credential(headers: &HeaderMap) -> Result<&str, ApiError> {
         let s = v
             .to_str()
             .map_err(|_| ApiError::new(ErrorCode::InvalidApiKey))?;
+        // `Bearer <token>`, as nearly every client sends it, without searching for the space
+        // (a `split_once` was 140 instructions per request).
+        if let Some((scheme, rest)) = s.split_at_checked(7) {
+            if scheme.ends_with(' ')
+                && scheme
+                    .get(..6)
+                    .is_some_and(|b| b.eq_ignore_ascii_case("bearer"))
+            {
+                return Ok(rest.trim());
+            }
+        }
         let (scheme, rest) = s.split_once(' ').unwrap_or((s, ""));
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(ApiError::new(ErrorCode::InvalidApiKey)
@@ -234,6 +245,11 @@ pub fn trace_context(headers: &HeaderMap) -> Result<TraceContext, ApiError> {
     let mut meta = std::collections::BTreeMap::new();
     for (name, v) in headers.iter() {
         let n = name.as_str();
+        // Every name below starts with `k` or `t` (names are lowercase): most headers are passed
+        // over on their first byte instead of four comparisons and a prefix test.
+        if !matches!(n.as_bytes().first(), Some(b'k' | b't')) {
+            continue;
+        }
         let slot = match n {
             "keyward-run-id" => &mut run,
             "keyward-thread-id" => &mut thread,
@@ -878,6 +894,29 @@ pub fn is_agent_credential(key: &Key) -> bool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// The `Bearer ` shortcut reads every Authorization value as the general parse does: the
+    /// scheme is what comes before the first space, matched without regard to case, and the
+    /// token is the rest, trimmed.
+    #[test]
+    fn the_bearer_shortcut_reads_what_the_general_parse_reads() {
+        fn general(s: &str) -> Option<&str> {
+            let (scheme, rest) = s.split_once(' ').unwrap_or((s, ""));
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        }
+        for v in [
+            "Bearer kw_ak_abc", "bearer kw_ak_abc", "BEARER kw_ak_abc", "Bearer  kw_ak_abc ",
+            "Bearer ", "Bearer", "Bearerx kw_ak_abc", "Bearer\tkw_ak_abc", "Basic dXNlcg==",
+            "Bear kw_ak_abc", "bearer", "", " Bearer kw_ak_abc", "Bearer kw ak",
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                axum::http::header::AUTHORIZATION,
+                axum::http::HeaderValue::from_str(v).unwrap(),
+            );
+            assert_eq!(credential(&headers).ok(), general(v), "{v:?}");
+        }
+    }
 
     /// At most `THROTTLED_HELD_MAX` refusals are held at once; a slot frees when its hold
     /// ends (or its request is dropped). Beyond the cap a refusal is answered at once, with
