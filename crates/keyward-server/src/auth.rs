@@ -905,9 +905,20 @@ mod tests {
             scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
         }
         for v in [
-            "Bearer kw_ak_abc", "bearer kw_ak_abc", "BEARER kw_ak_abc", "Bearer  kw_ak_abc ",
-            "Bearer ", "Bearer", "Bearerx kw_ak_abc", "Bearer\tkw_ak_abc", "Basic dXNlcg==",
-            "Bear kw_ak_abc", "bearer", "", " Bearer kw_ak_abc", "Bearer kw ak",
+            "Bearer kw_ak_abc",
+            "bearer kw_ak_abc",
+            "BEARER kw_ak_abc",
+            "Bearer  kw_ak_abc ",
+            "Bearer ",
+            "Bearer",
+            "Bearerx kw_ak_abc",
+            "Bearer\tkw_ak_abc",
+            "Basic dXNlcg==",
+            "Bear kw_ak_abc",
+            "bearer",
+            "",
+            " Bearer kw_ak_abc",
+            "Bearer kw ak",
         ] {
             let mut headers = HeaderMap::new();
             headers.insert(
