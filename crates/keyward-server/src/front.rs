@@ -26,7 +26,6 @@ use axum::http::Method;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use futures_util::FutureExt;
-use keyward_proto as proto;
 
 use crate::auth::{Caller, CallerCache};
 use crate::error::ApiError;
@@ -147,16 +146,14 @@ fn hot_route(conn: Arc<Conn>, hot: Hot, req: Request) -> impl Future<Output = Re
 }
 
 /// `POST /v1/keys/verify` with its body extractor, as the router would run it (the extractor
-/// is [`crate::extract::json_body`], which `ApiJson` calls, with the usual `{"key": ...}` body
-/// read by hand first: see [`proto::VerifyRequest::parse_key_only`]).
+/// is [`crate::verify::Body`], which calls [`crate::verify::body`]).
 ///
 /// Not an `async fn`: the body's future is made here, so this future holds the body, not the
 /// whole request. One `async` block rather than a `then`: the combinator moved the second stage
 /// (the answer's future) whole three times as it started (336 instructions of `memcpy` per
 /// verification); the block builds it in place. The parsed body is boxed.
 fn verify(state: &AppState, req: Request, caller: Caller) -> impl Future<Output = Response> + '_ {
-    let fast = |b: &[u8]| proto::VerifyRequest::parse_key_only(b).map(Box::new);
-    let body = crate::extract::json_body_or(req, fast);
+    let body = crate::verify::body(req);
     async move {
         match body.await {
             Ok(body) => into_response(crate::verify::answer(state, &caller, &body).await),
