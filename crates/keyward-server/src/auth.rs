@@ -165,18 +165,12 @@ pub fn credential(headers: &HeaderMap) -> Result<&str, ApiError> {
         let s = v
             .to_str()
             .map_err(|_| ApiError::new(ErrorCode::InvalidApiKey))?;
-        // `Bearer <token>`, as nearly every client sends it, without searching for the space
-        // (a `split_once` was 140 instructions per request).
-        if let Some((scheme, rest)) = s.split_at_checked(7) {
-            if scheme.ends_with(' ')
-                && scheme
-                    .get(..6)
-                    .is_some_and(|b| b.eq_ignore_ascii_case("bearer"))
-            {
-                return Ok(rest.trim());
-            }
-        }
-        let (scheme, rest) = s.split_once(' ').unwrap_or((s, ""));
+        // The scheme is what comes before the first space. Found byte by byte: `split_once(' ')`
+        // searches with the general `char` searcher, 140 instructions per request here.
+        let (scheme, rest) = match s.bytes().position(|b| b == b' ') {
+            Some(i) => (&s[..i], &s[i + 1..]),
+            None => (s, ""),
+        };
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(ApiError::new(ErrorCode::InvalidApiKey)
                 .msg("The Authorization header must use the Bearer scheme"));
@@ -895,11 +889,10 @@ pub fn is_agent_credential(key: &Key) -> bool {
 mod tests {
     use super::*;
 
-    /// The `Bearer ` shortcut reads every Authorization value as the general parse does: the
-    /// scheme is what comes before the first space, matched without regard to case, and the
-    /// token is the rest, trimmed.
+    /// An Authorization value's scheme is what comes before its first space, matched without
+    /// regard to case, and the token is the rest, trimmed (`general` says it the plain way).
     #[test]
-    fn the_bearer_shortcut_reads_what_the_general_parse_reads() {
+    fn authorization_is_read_as_scheme_space_token() {
         fn general(s: &str) -> Option<&str> {
             let (scheme, rest) = s.split_once(' ').unwrap_or((s, ""));
             scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
