@@ -371,8 +371,8 @@ impl VerifyRequest {
     /// then parses with serde. Where it answers, it answers what serde would (a test holds the two
     /// together).
     ///
-    /// Written by hand because it is on the hot path: serde_json's general parser costs about
-    /// 1,400 instructions per verification for this one field, this about 150.
+    /// Written by hand because it is on the hot path: serde_json's general parser cost 1,404
+    /// instructions per verification for this one field, this 432 (callgrind, key included).
     pub fn parse_key_only(body: &[u8]) -> Option<VerifyRequest> {
         fn ws(s: &mut &[u8]) {
             while let [b' ' | b'\t' | b'\n' | b'\r', rest @ ..] = *s {
@@ -699,9 +699,9 @@ mod tests {
                 "{}{{{}\"key\"{}:{}\"{key}\"{}}}{}",
                 ws[0], ws[1], ws[2], ws[3], ws[4], ws[5]
             );
-            let v = VerifyRequest::parse_key_only(body.as_bytes());
-            prop_assert_eq!(v.map(|v| v.key), serde_key_only(body.as_bytes()));
-            prop_assert!(VerifyRequest::parse_key_only(body.as_bytes()).is_some());
+            let fast = VerifyRequest::parse_key_only(body.as_bytes()).map(|v| v.key);
+            prop_assert!(fast.is_some(), "{:?}", body);
+            prop_assert_eq!(fast, serde_key_only(body.as_bytes()));
         }
     }
 }
