@@ -64,6 +64,11 @@ struct Args {
     /// use a fresh schema (`...?options=-csearch_path%3Dkwload_1`, created beforehand).
     #[arg(long)]
     database_url: Option<String>,
+    /// Drive only this endpoint (`static`, `verify` or `me`) for `--seconds` at the first
+    /// connection count after the first pass, print its figures and stop: a steady load to
+    /// attach a profiler to (the server's pid is printed before it starts).
+    #[arg(long, value_parser = ["static", "verify", "me"])]
+    only: Option<String>,
 }
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -536,6 +541,31 @@ async fn main() -> Result<(), Failure> {
         "RSS after every key was verified once: {:.0} MiB",
         rss_mib(pid).unwrap_or(0.0)
     );
+
+    if let Some(only) = &args.only {
+        let conns = args.connections.first().copied().unwrap_or(64);
+        println!("driving {only} only over {conns} connections; server pid {pid}");
+        let w = wire.clone();
+        let make: Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync> = match only.as_str() {
+            "static" => Arc::new(|_| get("/healthz", None)),
+            "verify" => Arc::new(move |i| w.verify(i * 7919)),
+            _ => Arc::new(move |i| w.me(i * 7919)),
+        };
+        let secs = Some(Duration::from_secs(args.seconds));
+        let m = measure(pid, drive(server.addr, None, conns, secs, None, 200, make)).await?;
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / m.run.requests.max(1) as f64;
+        println!(
+            "{only}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}, server CPU µs/req {:.1} + {:.1}, generator {:.1}",
+            m.run.rps(),
+            m.run.ms(0.5),
+            m.run.ms(0.99),
+            m.run.errors,
+            per(m.cpu.server_user),
+            per(m.cpu.server_sys),
+            per(m.cpu.client)
+        );
+        return Ok(());
+    }
 
     println!(
         "\n| conns | endpoint | req/s (round of verify's median) | vs static: median (range) of {} rounds | p50 ms | p99 ms | p99.9 ms | errors (all rounds) | server CPU µs/req (user + sys) | generator CPU µs/req |",
