@@ -2502,6 +2502,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     failed_state_changes_write_no_audit_event(s).await;
     usage_counts_add_up_and_read_back_by_hour(s).await;
     last_used_at_only_moves_forward(s).await;
+    last_used_at_holds_through_hours_of_refusals(s).await;
     a_large_usage_flush_writes_every_row(s).await;
     a_quota_threshold_is_announced_once_per_period(s).await;
     import_keys_inserts_all_or_nothing(s).await;
@@ -2853,6 +2854,69 @@ pub async fn last_used_at_only_moves_forward(store: &dyn Store) {
     );
 }
 
+/// A key's last use holds through later flushes that count it only as refused (no use of it
+/// succeeded since), and whether the flush that carried it also counted that use's hour or not.
+pub async fn last_used_at_holds_through_hours_of_refusals(store: &dyn Store) {
+    let (o, _) = new_org(store, "last-used-refused").await;
+    let (_, k) = new_agent(store, o.id, "lur-agent").await;
+    let t = now() - Duration::hours(3);
+    let h0 = hour_of(t);
+    let delta = |hour, allowed, denied| UsageDelta {
+        key_id: k.id,
+        org_id: o.id,
+        hour,
+        allowed,
+        denied,
+        rate_limited: 0,
+    };
+    // The use counted in the same flush (its hour's row carries it), then two hours of denials.
+    store
+        .record_usage(&[delta(h0, 1, 0)], &[(k.id, t)], &[])
+        .await
+        .unwrap();
+    for h in [h0 + Duration::hours(1), h0 + Duration::hours(2)] {
+        store
+            .record_usage(&[delta(h, 0, 4)], &[], &[])
+            .await
+            .unwrap();
+    }
+    let got = || async { store.get_key(k.id).await.unwrap().unwrap().last_used_at };
+    assert_eq!(
+        got().await,
+        Some(t),
+        "hours of refusals do not hide the last use"
+    );
+    // A later use in an hour this flush counts nothing for (the counts went with another).
+    let later = t + Duration::minutes(150);
+    store
+        .record_usage(&[], &[(k.id, later)], &[])
+        .await
+        .unwrap();
+    assert_eq!(got().await, Some(later));
+    // An earlier use arriving late, with its hour's counts, moves nothing back.
+    store
+        .record_usage(&[delta(h0, 1, 0)], &[(k.id, t - Duration::minutes(1))], &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        got().await,
+        Some(later),
+        "a late, older use must not move last_used_at back"
+    );
+    // The same key and hour named twice in one flush, each with a use: the later one wins.
+    let h3 = h0 + Duration::hours(3);
+    let (u1, u2) = (h3 + Duration::minutes(40), h3 + Duration::minutes(50));
+    store
+        .record_usage(
+            &[delta(h3, 1, 0), delta(h3, 1, 0)],
+            &[(k.id, u2), (k.id, u1)],
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(got().await, Some(u2));
+}
+
 /// One flush may carry tens of thousands of rows (every key used in the last second), more than
 /// one statement takes, and may name a (key, hour) or a key's last use twice: every count lands,
 /// twice-named counts add up, and the latest use wins.
@@ -2994,6 +3058,7 @@ macro_rules! conformance_tests {
             failed_state_changes_write_no_audit_event,
             usage_counts_add_up_and_read_back_by_hour,
             last_used_at_only_moves_forward,
+            last_used_at_holds_through_hours_of_refusals,
             a_large_usage_flush_writes_every_row,
             a_quota_threshold_is_announced_once_per_period,
             import_keys_inserts_all_or_nothing,
