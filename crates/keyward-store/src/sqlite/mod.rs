@@ -55,11 +55,6 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "key_last_used",
         include_str!("migrations/0004_key_last_used.sql"),
     ),
-    (
-        5,
-        "usage_last_at",
-        include_str!("migrations/0005_usage_last_at.sql"),
-    ),
 ];
 
 fn migrator() -> Migrator {
@@ -89,17 +84,12 @@ pub struct SqliteStore {
     hot: std::sync::Arc<hot::HotReads>,
 }
 
-/// A key's columns. Its last use is the later of its `key_last_used` row and the `last_at` of
-/// its latest usage row that has one (migration 0005; each is one index search).
 const KEY_COLS: &str =
     "k.id, k.org_id, k.agent_id, k.parent_key_id, k.kind, k.environment, k.name, \
     k.start, k.digest, k.scopes, k.cidr_allowlist, k.rate_limit, k.quota, k.alert_thresholds, \
     k.requires_signature, k.signing_secret_enc, k.expires_at, k.deprecated_at, k.revoked_at, \
     k.successor_key_id, \
-    (SELECT max(v) FROM (SELECT u.at AS v FROM key_last_used u WHERE u.key_id = k.id \
-      UNION ALL SELECT v FROM (SELECT h.last_at AS v FROM usage_hourly h \
-        WHERE h.key_id = k.id AND h.last_at IS NOT NULL ORDER BY h.hour_start DESC LIMIT 1))) \
-      AS last_used_at, \
+    (SELECT u.at FROM key_last_used u WHERE u.key_id = k.id) AS last_used_at, \
     k.created_at, k.metadata";
 
 const AGENT_COLS: &str = "id, org_id, name, display_name, agent_type, status, scopes, metadata, \
@@ -210,46 +200,6 @@ fn values_sql(head: &str, row: &str, n: usize, tail: &str) -> String {
     }
     sql.push_str(tail);
     sql
-}
-
-/// Folds each key's latest use into `deltas` (in key and hour order, as `last_used` is in key
-/// order): the `last_at` to write with each delta row (the key's latest use when it falls in
-/// that row's hour), and the latest uses no row of this batch carries, for `key_last_used`, in
-/// Unix milliseconds.
-fn fold_last_uses(
-    deltas: &[&UsageDelta],
-    last_used: &[&(Uuid, Timestamp)],
-) -> (Vec<Option<i64>>, Vec<(Uuid, i64)>) {
-    // Each key's latest use (a key may be named more than once).
-    let mut latest: Vec<(Uuid, i64)> = Vec::with_capacity(last_used.len());
-    for (id, at) in last_used {
-        let at = ms(*at);
-        match latest.last_mut() {
-            Some((k, t)) if k == id => *t = (*t).max(at),
-            _ => latest.push((*id, at)),
-        }
-    }
-    let mut last_at = vec![None; deltas.len()];
-    let mut carried = vec![false; latest.len()];
-    let mut j = 0;
-    for (i, d) in deltas.iter().enumerate() {
-        while latest.get(j).is_some_and(|(k, _)| *k < d.key_id) {
-            j += 1;
-        }
-        if let Some((k, at)) = latest.get(j) {
-            if *k == d.key_id && at - at.rem_euclid(3_600_000) == ms(d.hour) {
-                last_at[i] = Some(*at);
-                carried[j] = true;
-            }
-        }
-    }
-    let rest = latest
-        .into_iter()
-        .zip(carried)
-        .filter(|(_, carried)| !carried)
-        .map(|(l, _)| l)
-        .collect();
-    (last_at, rest)
 }
 
 /// Maps sqlx errors to domain errors once, here.
@@ -990,11 +940,6 @@ impl Store for SqliteStore {
         // page, which the writer's page cache still holds, instead of a random page each (a
         // million keys' rows are far larger than the cache, and each miss is a read).
         let (deltas, last_used) = crate::in_key_order(deltas, last_used);
-        // Each key's latest use rides on its usage row for that use's hour when this batch
-        // writes one (it does whenever the use was counted in the same flush, as the meter's
-        // always are): one upsert per key instead of two (migration 0005). The others go to
-        // `key_last_used` as before.
-        let (last_at, rest) = fold_last_uses(&deltas, &last_used);
         let mut tx = self.begin().await?;
         // Multi-row upserts with bound values: sqlx runs every SQLite statement on the
         // connection's worker thread, so a statement per row cost two thread hand-offs each
@@ -1002,34 +947,31 @@ impl Store for SqliteStore {
         // one JSON array unrolled by `json_each`: parsing the rows back out of JSON took a quarter to a
         // third of the flush (10,000 keys: 35-37 ms per flush with JSON, 24-31 ms bound, 3 runs each of
         // `examples/flush_cost.rs`).
-        let mut rows = deltas.iter().zip(&last_at);
+        let mut rows = deltas.iter();
         for n in statement_sizes(deltas.len()) {
             let sql = values_sql(
                 "INSERT INTO usage_hourly \
-                 (key_id, org_id, hour_start, allowed, denied, rate_limited, last_at) VALUES ",
-                "(?, ?, ?, ?, ?, ?, ?)",
+                 (key_id, org_id, hour_start, allowed, denied, rate_limited) VALUES ",
+                "(?, ?, ?, ?, ?, ?)",
                 n,
                 " ON CONFLICT (key_id, hour_start) DO UPDATE SET \
                  allowed = allowed + excluded.allowed, denied = denied + excluded.denied, \
-                 rate_limited = rate_limited + excluded.rate_limited, \
-                 last_at = max(coalesce(last_at, excluded.last_at), \
-                               coalesce(excluded.last_at, last_at))",
+                 rate_limited = rate_limited + excluded.rate_limited",
             );
             let mut q = sqlx::query(&sql);
-            for (d, at) in rows.by_ref().take(n) {
+            for d in rows.by_ref().take(n) {
                 q = q
                     .bind(d.key_id.to_string())
                     .bind(d.org_id.to_string())
                     .bind(ms(d.hour))
                     .bind(d.allowed as i64)
                     .bind(d.denied as i64)
-                    .bind(d.rate_limited as i64)
-                    .bind(*at);
+                    .bind(d.rate_limited as i64);
             }
             q.execute(&mut *tx).await.map_err(map_err)?;
         }
-        let mut rows = rest.iter();
-        for n in statement_sizes(rest.len()) {
+        let mut rows = last_used.iter();
+        for n in statement_sizes(last_used.len()) {
             let sql = values_sql(
                 "INSERT INTO key_last_used (key_id, at) VALUES ",
                 "(?, ?)",
@@ -1038,7 +980,7 @@ impl Store for SqliteStore {
             );
             let mut q = sqlx::query(&sql);
             for (key_id, at) in rows.by_ref().take(n) {
-                q = q.bind(key_id.to_string()).bind(*at);
+                q = q.bind(key_id.to_string()).bind(ms(*at));
             }
             q.execute(&mut *tx).await.map_err(map_err)?;
         }
@@ -1206,44 +1148,6 @@ mod tests {
         store.hot = std::sync::Arc::new(hot::HotReads::with_cap(path, 0));
         crate::conformance::find_key_by_digest_returns_the_key_and_its_agent_status(&store).await;
         store.close().await;
-    }
-
-    /// A key's latest use goes on its usage row of that use's hour (every such row, when the
-    /// batch names the hour twice), and only there; a use whose hour the batch has no row for
-    /// goes to `key_last_used`.
-    #[test]
-    fn a_last_use_is_folded_into_its_own_hours_row_only() {
-        let (a, b, c) = {
-            let mut ids = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
-            ids.sort();
-            (ids[0], ids[1], ids[2])
-        };
-        let h = 1_795_000_000_000i64 / 3_600_000 * 3_600_000;
-        let at = |ms: i64| keyward_core::clock::from_millis(ms);
-        let d = |key_id, hour| UsageDelta {
-            key_id,
-            org_id: Uuid::nil(),
-            hour: at(hour),
-            allowed: 1,
-            denied: 0,
-            rate_limited: 0,
-        };
-        // a: two uses, the later in the second hour, which is named twice. b: its use is an hour
-        // after its only row. c: no counts at all.
-        let deltas = [d(a, h), d(a, h + 3_600_000), d(a, h + 3_600_000), d(b, h)];
-        let uses = [
-            (a, at(h + 10)),
-            (a, at(h + 3_600_000 + 20)),
-            (b, at(h + 3_600_000 + 30)),
-            (c, at(h + 40)),
-        ];
-        let (deltas, uses) = crate::in_key_order(&deltas, &uses);
-        let (last_at, rest) = fold_last_uses(&deltas, &uses);
-        assert_eq!(
-            last_at,
-            [None, Some(h + 3_600_020), Some(h + 3_600_020), None]
-        );
-        assert_eq!(rest, [(b, h + 3_600_030), (c, h + 40)]);
     }
 
     /// A data dir from before `key_last_used` keeps every key's last use through the migration.
