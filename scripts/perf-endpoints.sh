@@ -29,6 +29,11 @@ for endpoint in static "$WHAT"; do
     sleep 0.1
   done
   pid=$(grep -o "server pid [0-9]*" "$log" | awk '{print $3}')
+  if [ -z "$pid" ]; then
+    echo "keyward-load did not start driving $endpoint:" >&2
+    cat "$log" >&2
+    exit 1
+  fi
   sleep 3
   perf record -F "$HZ" -p "$pid" -o "$OUT/$endpoint.data" -- sleep "$SECONDS_SAMPLED" >/dev/null 2>&1
   wait "$load"

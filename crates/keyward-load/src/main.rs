@@ -67,8 +67,40 @@ struct Args {
     /// Drive only this endpoint (`static`, `verify` or `me`) for `--seconds` at the first
     /// connection count after the first pass, print its figures and stop: a steady load to
     /// attach a profiler to (the server's pid is printed before it starts).
-    #[arg(long, value_parser = ["static", "verify", "me"])]
-    only: Option<String>,
+    #[arg(long, value_enum)]
+    only: Option<Endpoint>,
+}
+
+/// The endpoints measured, each with the requests that drive it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Endpoint {
+    Static,
+    Verify,
+    Me,
+}
+
+/// What makes the `i`th request of a run.
+type MakeRequest = Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>;
+
+impl Endpoint {
+    fn name(self) -> &'static str {
+        match self {
+            Endpoint::Static => "static",
+            Endpoint::Verify => "verify",
+            Endpoint::Me => "me",
+        }
+    }
+
+    /// The `i`th request of a run of this endpoint: keys are taken in a scattered order, so that
+    /// consecutive requests do not read neighbouring snapshots.
+    fn requests(self, wire: &Arc<Wire>) -> MakeRequest {
+        let w = wire.clone();
+        match self {
+            Endpoint::Static => Arc::new(|_| get("/healthz", None)),
+            Endpoint::Verify => Arc::new(move |i| w.verify(i * 7919)),
+            Endpoint::Me => Arc::new(move |i| w.me(i * 7919)),
+        }
+    }
 }
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
@@ -426,7 +458,7 @@ async fn drive(
     deadline: Option<Duration>,
     total: Option<u64>,
     expect_status: u16,
-    make: Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>,
+    make: MakeRequest,
 ) -> Result<Run, Failure> {
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = Instant::now();
@@ -542,20 +574,19 @@ async fn main() -> Result<(), Failure> {
         rss_mib(pid).unwrap_or(0.0)
     );
 
-    if let Some(only) = &args.only {
+    if let Some(only) = args.only {
         let conns = args.connections.first().copied().unwrap_or(64);
-        println!("driving {only} only over {conns} connections; server pid {pid}");
-        let w = wire.clone();
-        let make: Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync> = match only.as_str() {
-            "static" => Arc::new(|_| get("/healthz", None)),
-            "verify" => Arc::new(move |i| w.verify(i * 7919)),
-            _ => Arc::new(move |i| w.me(i * 7919)),
-        };
+        println!(
+            "driving {} only over {conns} connections; server pid {pid}",
+            only.name()
+        );
+        let make = only.requests(&wire);
         let secs = Some(Duration::from_secs(args.seconds));
         let m = measure(pid, drive(server.addr, None, conns, secs, None, 200, make)).await?;
         let per = |d: Duration| d.as_secs_f64() * 1e6 / m.run.requests.max(1) as f64;
         println!(
-            "{only}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}, server CPU µs/req {:.1} + {:.1}, generator {:.1}",
+            "{}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}, server CPU µs/req {:.1} + {:.1}, generator {:.1}",
+            only.name(),
             m.run.rps(),
             m.run.ms(0.5),
             m.run.ms(0.99),
@@ -754,15 +785,16 @@ async fn rounds_of(
     let mut out = Vec::new();
     for _ in 0..rounds.max(1) {
         // One timed run of `make`'s requests over `conns` connections, all answered 200.
-        let timed = |make: Arc<dyn Fn(u64) -> Request<Full<Bytes>> + Send + Sync>| {
+        let timed = |endpoint: Endpoint| {
+            let make = endpoint.requests(wire);
             measure(pid, drive(addr, None, conns, Some(secs), None, 200, make))
         };
-        let mut round = vec![timed(Arc::new(|_| get("/healthz", None))).await?];
-        let w = wire.clone();
-        round.push(timed(Arc::new(move |i| w.verify(i * 7919))).await?);
+        let mut round = vec![
+            timed(Endpoint::Static).await?,
+            timed(Endpoint::Verify).await?,
+        ];
         if me {
-            let w = wire.clone();
-            round.push(timed(Arc::new(move |i| w.me(i * 7919))).await?);
+            round.push(timed(Endpoint::Me).await?);
         }
         out.push(round);
     }

@@ -17,6 +17,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(s) => s.parse()?,
         None => 200_000,
     };
+    if n == 0 {
+        return Err("the number of keys must be at least 1".into());
+    }
     let dir = tempfile::tempdir()?;
     let store = SqliteStore::open(&dir.path().join("keyward.db")).await?;
     let org = conformance::org("miss-cost");

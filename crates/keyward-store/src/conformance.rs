@@ -2855,7 +2855,8 @@ pub async fn last_used_at_only_moves_forward(store: &dyn Store) {
 }
 
 /// A key's last use holds through later flushes that count it only as refused (no use of it
-/// succeeded since), and whether the flush that carried it also counted that use's hour or not.
+/// succeeded since), whether or not the flush that carried a use also carried counts for that
+/// use's hour. (A design that keeps last uses on the hourly rows must still answer these.)
 pub async fn last_used_at_holds_through_hours_of_refusals(store: &dyn Store) {
     let (o, _) = new_org(store, "last-used-refused").await;
     let (_, k) = new_agent(store, o.id, "lur-agent").await;
@@ -2869,7 +2870,7 @@ pub async fn last_used_at_holds_through_hours_of_refusals(store: &dyn Store) {
         denied,
         rate_limited: 0,
     };
-    // The use counted in the same flush (its hour's row carries it), then two hours of denials.
+    // The use and its hour's count in one flush, then two hours of denials only.
     store
         .record_usage(&[delta(h0, 1, 0)], &[(k.id, t)], &[])
         .await
