@@ -546,7 +546,7 @@ async fn main() -> Result<(), Failure> {
     let (server, ready) = start(&args.bin, &data, db).await?;
     let pid = server.child.id();
     println!(
-        "keyward serve ready in {:.0} ms with {} keys (RSS {:.0} MiB)",
+        "keyward serve ready in {:.0} ms with {} keys (RSS {:.0} MiB, pid {pid})",
         ready.as_secs_f64() * 1000.0,
         tokens.len(),
         rss_mib(pid).unwrap_or(0.0)
