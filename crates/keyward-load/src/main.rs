@@ -555,19 +555,27 @@ async fn main() -> Result<(), Failure> {
     // One pass over every key: each verification is a cache miss.
     let wire = Arc::new(Wire::new(&root, &tokens)?);
     let w = wire.clone();
-    let miss = drive(
-        server.addr,
-        None,
-        16,
-        None,
-        Some(tokens.len() as u64),
-        200,
-        Arc::new(move |i| w.verify(i)),
+    let m = measure(
+        pid,
+        drive(
+            server.addr,
+            None,
+            16,
+            None,
+            Some(tokens.len() as u64),
+            200,
+            Arc::new(move |i| w.verify(i)),
+        ),
     )
     .await?;
+    let (miss, per) = (&m.run, |d: Duration| {
+        d.as_secs_f64() * 1e6 / m.run.requests.max(1) as f64
+    });
     println!(
-        "first pass (cache misses), 16 conns: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, errors {}",
-        miss.rps(), miss.ms(0.5), miss.ms(0.99), miss.ms(0.999), miss.errors
+        "first pass (cache misses), 16 conns: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, errors {}, \
+         server CPU µs/req {:.1} + {:.1}, generator {:.1}",
+        miss.rps(), miss.ms(0.5), miss.ms(0.99), miss.ms(0.999), miss.errors,
+        per(m.cpu.server_user), per(m.cpu.server_sys), per(m.cpu.client)
     );
     println!(
         "RSS after every key was verified once: {:.0} MiB",
