@@ -34,6 +34,10 @@ pub struct Caller {
     /// The scopes a constraints header narrowed this request to, if it carried one.
     pub narrowed: Option<Vec<Scope>>,
     pub ctx: RequestContext,
+    /// When the request was admitted, Unix ms: it was counted then as an allowed use of the
+    /// key, so it is the key's latest use (the snapshot's `last_used_at` is the one the store
+    /// held when the key was cached).
+    pub admitted_ms: i64,
 }
 
 /// Facts about the request every audit event records.
@@ -788,6 +792,7 @@ async fn authenticate(
             request_id: crate::request_id::current(),
             trace,
         },
+        admitted_ms: now_ms,
     };
     Ok(caller)
 }

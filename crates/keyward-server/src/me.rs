@@ -29,8 +29,13 @@ pub async fn answer(state: &AppState, caller: Caller) -> ApiResult<Json<proto::M
         .agent(state.store.as_ref(), caller.org_id(), agent_id)
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::AgentNotFound))?;
+    let mut key = render::key(caller.key());
+    // The snapshot's `last_used_at` is the store's when the key was cached; this request is
+    // itself a use of the key, counted when it was admitted, so it is the latest.
+    let admitted = keyward_core::clock::from_millis(caller.admitted_ms);
+    key.last_used_at = Some(key.last_used_at.map_or(admitted, |t| t.max(admitted)));
     Ok(Json(proto::MeResponse {
         agent: render::agent(&agent),
-        key: render::key(caller.key()),
+        key,
     }))
 }

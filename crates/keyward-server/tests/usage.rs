@@ -457,3 +457,28 @@ async fn a_quota_removed_and_set_again_counts_the_uses_in_between_on_the_redis_p
         .await;
     assert_eq!(v.body["quota"]["used"], 4, "{}", v.body);
 }
+
+/// `GET /v1/me` is itself a use of the calling key: it shows that use as the key's
+/// `last_used_at` (what the key's own record shows once the use is flushed), not the value the
+/// verify cache took from the store when it cached the key (none, for a key never used before).
+#[tokio::test]
+async fn me_shows_its_own_request_as_the_keys_last_use() {
+    let s = TestServer::start().await;
+    let (_, key, api_key) = s
+        .create_agent("diagnosed", json!({"slack": ["chat:write"]}))
+        .await;
+    let kid = key["id"].as_str().unwrap().to_string();
+    assert!(key["last_used_at"].is_null(), "a new key has no use");
+
+    let first = s.get("/v1/me", &api_key).await;
+    let now = keyward_proto::ts::format(&s.clock.now());
+    assert_eq!(first.assert_status(200)["key"]["last_used_at"], json!(now));
+
+    // Later, with the key cached all along: the later request is the latest use.
+    s.advance(Duration::minutes(5));
+    let later = s.get("/v1/me", &api_key).await;
+    let now = keyward_proto::ts::format(&s.clock.now());
+    assert_eq!(later.assert_status(200)["key"]["last_used_at"], json!(now));
+    // And the key's record agrees once the use is flushed.
+    flushed(&s, &kid).await;
+}
