@@ -138,6 +138,36 @@ struct Measured {
     cpu: CpuUse,
 }
 
+impl Measured {
+    /// Microseconds of `d` (a CPU time of the run) per request answered.
+    fn us_per_request(&self, d: Duration) -> f64 {
+        d.as_secs_f64() * 1e6 / self.run.requests.max(1) as f64
+    }
+
+    /// `req/s, p50, p99, errors, server CPU (user + sys) and generator CPU per request`; the CPU
+    /// only for a run of a second or more (it is counted in ticks of 10 ms).
+    fn summary(&self) -> String {
+        let cpu = if self.run.elapsed >= Duration::from_secs(1) {
+            format!(
+                "server CPU µs/req {:.1} + {:.1}, generator {:.1}",
+                self.us_per_request(self.cpu.server_user),
+                self.us_per_request(self.cpu.server_sys),
+                self.us_per_request(self.cpu.client)
+            )
+        } else {
+            "CPU not measured (a run under 1 s; it is counted in 10 ms ticks)".to_string()
+        };
+        format!(
+            "{:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, errors {}, {cpu}",
+            self.run.rps(),
+            self.run.ms(0.5),
+            self.run.ms(0.99),
+            self.run.ms(0.999),
+            self.run.errors,
+        )
+    }
+}
+
 /// Runs one measurement, with the CPU the server (`pid`) and this process used meanwhile.
 async fn measure(
     pid: u32,
@@ -568,15 +598,7 @@ async fn main() -> Result<(), Failure> {
         ),
     )
     .await?;
-    let (miss, per) = (&m.run, |d: Duration| {
-        d.as_secs_f64() * 1e6 / m.run.requests.max(1) as f64
-    });
-    println!(
-        "first pass (cache misses), 16 conns: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, errors {}, \
-         server CPU µs/req {:.1} + {:.1}, generator {:.1}",
-        miss.rps(), miss.ms(0.5), miss.ms(0.99), miss.ms(0.999), miss.errors,
-        per(m.cpu.server_user), per(m.cpu.server_sys), per(m.cpu.client)
-    );
+    println!("first pass (cache misses), 16 conns: {}", m.summary());
     println!(
         "RSS after every key was verified once: {:.0} MiB",
         rss_mib(pid).unwrap_or(0.0)
@@ -591,18 +613,7 @@ async fn main() -> Result<(), Failure> {
         let make = only.requests(&wire);
         let secs = Some(Duration::from_secs(args.seconds));
         let m = measure(pid, drive(server.addr, None, conns, secs, None, 200, make)).await?;
-        let per = |d: Duration| d.as_secs_f64() * 1e6 / m.run.requests.max(1) as f64;
-        println!(
-            "{}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}, server CPU µs/req {:.1} + {:.1}, generator {:.1}",
-            only.name(),
-            m.run.rps(),
-            m.run.ms(0.5),
-            m.run.ms(0.99),
-            m.run.errors,
-            per(m.cpu.server_user),
-            per(m.cpu.server_sys),
-            per(m.cpu.client)
-        );
+        println!("{}: {}", only.name(), m.summary());
         return Ok(());
     }
 
@@ -650,7 +661,7 @@ async fn main() -> Result<(), Failure> {
             order.sort_by(|a, b| ratios[*a].total_cmp(&ratios[*b]));
             let m = &rounds[shown][i];
             let (lo, hi) = (ratios[order[0]], ratios[order[order.len() - 1]]);
-            let per = |d: Duration| d.as_secs_f64() * 1e6 / m.run.requests.max(1) as f64;
+            let per = |d: Duration| m.us_per_request(d);
             println!(
                 "| {conns} | {name} | {:.0} | {:.0}% ({:.0}-{:.0}%) | {:.2} | {:.2} | {:.2} | {} | {:.1} + {:.1} | {:.1} |",
                 m.run.rps(),
@@ -758,7 +769,6 @@ async fn main() -> Result<(), Failure> {
         let ratio = |r: &Vec<Measured>| 100.0 * r[1].run.rps() / r[0].run.rps();
         rounds.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
         let m = &rounds[rounds.len() / 2];
-        let per = |d: Duration, r: &Run| d.as_secs_f64() * 1e6 / r.requests.max(1) as f64;
         println!(
             "| {conns} | {:.0} | {:.0} | {:.0}% ({:.0}-{:.0}%) | {:.1} + {:.1} | {:.1} + {:.1} | {:.1} / {:.1} |",
             m[0].run.rps(),
@@ -766,12 +776,12 @@ async fn main() -> Result<(), Failure> {
             ratio(m),
             ratio(&rounds[0]),
             ratio(&rounds[rounds.len() - 1]),
-            per(m[0].cpu.server_user, &m[0].run),
-            per(m[0].cpu.server_sys, &m[0].run),
-            per(m[1].cpu.server_user, &m[1].run),
-            per(m[1].cpu.server_sys, &m[1].run),
-            per(m[0].cpu.client, &m[0].run),
-            per(m[1].cpu.client, &m[1].run),
+            m[0].us_per_request(m[0].cpu.server_user),
+            m[0].us_per_request(m[0].cpu.server_sys),
+            m[1].us_per_request(m[1].cpu.server_user),
+            m[1].us_per_request(m[1].cpu.server_sys),
+            m[0].us_per_request(m[0].cpu.client),
+            m[1].us_per_request(m[1].cpu.client),
         );
     }
     Ok(())
