@@ -50,9 +50,15 @@ fn system_ns() -> i64 {
 /// The wall clock read through the CPU's time-stamp counter (the `quanta` crate, which falls
 /// back to the OS's monotonic clock where the counter is not invariant): one wall-clock reading
 /// is the anchor, and the counter says how far the present is from it. The anchor is read again
-/// once it is a second old, so the answer never drifts from the system clock by more than the
-/// counter's drift over one second (microseconds), and follows the system clock's own
-/// adjustments within a second.
+/// once it is [`REANCHOR_NS`] old, so the answer strays from the system clock by at most the
+/// counter's rate error over that span, and follows the system clock's own adjustments as
+/// quickly.
+///
+/// The rate error is not negligible: quanta calibrates the counter against the monotonic clock
+/// over about half a millisecond, so one interruption during calibration on a loaded machine
+/// puts its rate off by a few tenths of a percent. Over a one-second anchor that was 1.4 ms
+/// (seen on CI); over 10 ms it is tens of microseconds, well inside the millisecond the hot path
+/// works in. Re-anchoring costs one system-clock read per 10 ms across all threads.
 ///
 /// The anchor is two numbers, published under a sequence lock so a reader never pairs one
 /// anchor's counter value with another's wall time.
@@ -63,10 +69,12 @@ pub struct TscWall {
     anchor_raw: AtomicU64,
     anchor_ns: AtomicI64,
     replacing: AtomicBool,
+    /// The wall clock in Unix nanoseconds: the system clock, or a test's own.
+    wall: fn() -> i64,
 }
 
 /// How old an anchor may get before it is read again.
-const REANCHOR_NS: u64 = 1_000_000_000;
+const REANCHOR_NS: u64 = 10_000_000;
 
 impl fmt::Debug for TscWall {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -83,14 +91,19 @@ impl Default for TscWall {
 impl TscWall {
     /// Calibrates the counter (under a millisecond here) and reads the first anchor.
     pub fn new() -> TscWall {
-        let clock = quanta::Clock::new();
-        let (raw, ns) = anchor(&clock);
+        TscWall::with_sources(quanta::Clock::new(), system_ns)
+    }
+
+    /// A counter and a wall clock of the caller's choosing (tests use mocks of both).
+    fn with_sources(clock: quanta::Clock, wall: fn() -> i64) -> TscWall {
+        let (raw, ns) = anchor(&clock, wall);
         TscWall {
             anchor_raw: AtomicU64::new(raw),
             anchor_ns: AtomicI64::new(ns),
             clock,
             seq: AtomicU64::new(0),
             replacing: AtomicBool::new(false),
+            wall,
         }
     }
 
@@ -125,7 +138,7 @@ impl TscWall {
         if self.replacing.swap(true, Ordering::Acquire) {
             return false;
         }
-        let (raw, ns) = anchor(&self.clock);
+        let (raw, ns) = anchor(&self.clock, self.wall);
         let s = self.seq.load(Ordering::Relaxed);
         self.seq.store(s.wrapping_add(1), Ordering::Relaxed);
         std::sync::atomic::fence(Ordering::Release);
@@ -141,13 +154,13 @@ impl TscWall {
 /// the other, so the system clock is read between two counter readings, and a pair whose
 /// readings are far apart (the thread was descheduled in between) is read again: an anchor
 /// taken across a pause would put every answer off by the pause for the anchor's second.
-fn anchor(clock: &quanta::Clock) -> (u64, i64) {
+fn anchor(clock: &quanta::Clock, wall: fn() -> i64) -> (u64, i64) {
     /// A system-clock read takes well under a microsecond; this much means an interruption.
     const CLOSE_NS: u64 = 20_000;
     let mut best = None;
     for _ in 0..8 {
         let before = clock.raw();
-        let ns = system_ns();
+        let ns = wall();
         let after = clock.raw();
         let gap = clock.delta_as_nanos(before, after);
         // The system clock was read somewhere between the two: credit it to their midpoint.
@@ -160,7 +173,7 @@ fn anchor(clock: &quanta::Clock) -> (u64, i64) {
         }
     }
     best.map(|(_, raw, ns)| (raw, ns))
-        .unwrap_or_else(|| (clock.raw(), system_ns()))
+        .unwrap_or_else(|| (clock.raw(), wall()))
 }
 
 /// The instant `ms` Unix milliseconds name; out of chrono's range, the nearest end of it.
@@ -299,13 +312,14 @@ mod tests {
         let start = std::time::Instant::now();
         let mut last = 0i64;
         // How far the counter may stray from the system clock: its drift over one anchor's
-        // lifetime (microseconds) plus the step at a re-anchor, with a wide margin. Each reading
-        // is bracketed by system-clock readings taken before and after it, so a thread that is
-        // descheduled between the readings (a loaded CI machine) widens the bracket instead of
-        // failing the test.
+        // lifetime (tens of microseconds even with a badly calibrated counter; see
+        // `a_miscalibrated_counter_strays_only_within_one_anchor`) plus the step at a
+        // re-anchor, with a wide margin. Each reading is bracketed by system-clock readings
+        // taken before and after it, so a thread that is descheduled between the readings (a
+        // loaded CI machine) widens the bracket instead of failing the test.
         const SLACK_NS: i64 = 1_000_000;
-        // Long enough to cross an anchor (one second), from two threads at once.
-        while start.elapsed() < std::time::Duration::from_millis(1_200) {
+        // Long enough to cross many anchors, from two threads at once.
+        while start.elapsed() < std::time::Duration::from_millis(400) {
             let before = system_ns();
             let (a, b) = std::thread::scope(|s| {
                 let t = s.spawn(|| w.now_ns());
@@ -321,8 +335,34 @@ mod tests {
             // Within one thread, it never goes back by more than an anchor's correction.
             assert!(a > last - SLACK_NS, "went back from {last} to {a}");
             last = a;
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            std::thread::sleep(std::time::Duration::from_millis(15));
         }
+    }
+
+    /// The mock wall clock of the test below, in Unix nanoseconds.
+    static MOCK_WALL_NS: AtomicI64 = AtomicI64::new(1_700_000_000_000_000_000);
+
+    #[test]
+    fn a_miscalibrated_counter_strays_only_within_one_anchor() {
+        // A counter whose calibrated rate is 0.5% fast (quanta's half-millisecond calibration,
+        // interrupted once): every simulated millisecond of wall time it reports 1.005 ms.
+        let (counter, mock) = quanta::Clock::mock();
+        let w = TscWall::with_sources(counter, || MOCK_WALL_NS.load(Ordering::Relaxed));
+        let step_ns: u64 = 1_000_000;
+        let fast_ns = step_ns + step_ns / 200;
+        let mut worst = 0i64;
+        for _ in 0..3_000 {
+            MOCK_WALL_NS.fetch_add(step_ns as i64, Ordering::Relaxed);
+            mock.increment(fast_ns);
+            let err = w.now_ns() - MOCK_WALL_NS.load(Ordering::Relaxed);
+            worst = worst.max(err.abs());
+        }
+        // Three simulated seconds: without re-anchoring the error would reach 15 ms, with a
+        // one-second anchor 5 ms. The hot path works in milliseconds, so a tenth of one is the
+        // most it may stray (10 ms anchors give at most 0.5% of 11 ms, 55 µs).
+        let bound = 100_000;
+        assert!(worst > 0, "the mock counter was meant to be off");
+        assert!(worst <= bound, "strayed {worst} ns, more than {bound} ns");
     }
 
     #[test]
