@@ -5,8 +5,9 @@
 //! in fsyncs), starts `keyward serve`, and measures over loopback, with HTTP/1.1 keep-alive
 //! connections and an HDR histogram:
 //! - how long `serve` takes to answer `/healthz` (ready time);
-//! - a first pass verifying every key once (all cache misses: the miss latency), then the
-//!   server's RSS;
+//! - a first pass verifying every key once (all cache misses), then the server's RSS: its first
+//!   keys at a fixed rate (`--miss-rate`, open loop: the latency of a miss at that load), the
+//!   rest as fast as 16 connections go (closed loop: the rate of misses the server sustains);
 //! - `GET /healthz` (a static handler on the same HTTP stack), `POST /v1/keys/verify` and
 //!   `GET /v1/me`, at each connection count, as req/s and p50/p99/p99.9, with the ratio of each
 //!   to the static handler.
@@ -69,6 +70,22 @@ struct Args {
     /// attach a profiler to (the server's pid is printed before it starts).
     #[arg(long, value_enum)]
     only: Option<Endpoint>,
+    /// Cache misses per second in the open-loop part of the first pass (its first half of the
+    /// keys, at most 10 s of them): the latency of a miss at that load.
+    #[arg(long, default_value_t = 5_000.0, value_parser = positive_rate)]
+    miss_rate: f64,
+}
+
+/// How long the open-loop part of the first pass lasts at most.
+const MISS_PACED_SECONDS: f64 = 10.0;
+
+/// A rate of requests per second: finite and above zero.
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        Ok(_) => Err(format!("{s} is not a rate above zero")),
+        Err(e) => Err(format!("{s}: {e}")),
+    }
 }
 
 /// The endpoints measured, each with the requests that drive it.
@@ -479,14 +496,64 @@ impl Run {
     }
 }
 
-/// Drives `conns` keep-alive connections, each sending `make(i)` in a loop, until `until` says
-/// stop (a deadline, or a request budget for the one-pass run).
+/// When a run stops, and when its requests are sent.
+#[derive(Debug, Clone, Copy, Default)]
+struct Plan {
+    /// Stop after this long.
+    deadline: Option<Duration>,
+    /// Stop after this many requests.
+    total: Option<u64>,
+    /// Open loop at this many requests per second: request `i` is due `i / rate` seconds after
+    /// the start, whenever the answers before it came. Without it, each connection sends its next
+    /// request as soon as it has the last answer (closed loop: as fast as the server answers).
+    rate: Option<f64>,
+}
+
+impl Plan {
+    /// Closed loop, for `d`.
+    fn lasting(d: Duration) -> Plan {
+        Plan {
+            deadline: Some(d),
+            ..Plan::default()
+        }
+    }
+
+    /// Closed loop, `n` requests.
+    fn requests(n: u64) -> Plan {
+        Plan {
+            total: Some(n),
+            ..Plan::default()
+        }
+    }
+
+    /// Open loop, `n` requests at `rate` per second.
+    fn paced(n: u64, rate: f64) -> Plan {
+        Plan {
+            total: Some(n),
+            rate: Some(rate),
+            ..Plan::default()
+        }
+    }
+
+    /// When the request numbered `i` is due, for an open loop.
+    fn due(&self, started: Instant, i: u64) -> Option<Instant> {
+        self.rate
+            .map(|r| started + Duration::from_secs_f64(i as f64 / r))
+    }
+}
+
+/// Drives `conns` keep-alive connections, each sending `make(i)` in a loop, as `plan` says.
+///
+/// In an open loop, a request's latency counts from when it was due if its connection was still
+/// waiting for an earlier answer then (the server's slowness delays it, and is charged to it, so
+/// the histogram does not hide a stall behind the few requests sent during it), and otherwise
+/// from when it was sent: tokio's timer wakes on whole milliseconds, and that lateness is the
+/// generator's. The connections should outnumber the requests in flight at the rate asked for.
 async fn drive(
     addr: SocketAddr,
     source: Option<std::net::IpAddr>,
     conns: usize,
-    deadline: Option<Duration>,
-    total: Option<u64>,
+    plan: Plan,
     expect_status: u16,
     make: MakeRequest,
 ) -> Result<Run, Failure> {
@@ -514,14 +581,21 @@ async fn drive(
                 hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             tokio::spawn(conn);
             loop {
-                if deadline.is_some_and(|d| started.elapsed() >= d) {
+                if plan.deadline.is_some_and(|d| started.elapsed() >= d) {
                     break;
                 }
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if total.is_some_and(|t| i >= t) {
+                if plan.total.is_some_and(|t| i >= t) {
                     break;
                 }
-                let t0 = Instant::now();
+                let t0 = match plan.due(started, i) {
+                    Some(due) if due > Instant::now() => {
+                        tokio::time::sleep_until(due.into()).await;
+                        Instant::now()
+                    }
+                    Some(due) => due,
+                    None => Instant::now(),
+                };
                 let resp = sender.send_request(make(i)).await?;
                 let ok = resp.status().as_u16() == expect
                     || (expect == 0 && resp.status().as_u16() >= 400);
@@ -582,8 +656,12 @@ async fn main() -> Result<(), Failure> {
         rss_mib(pid).unwrap_or(0.0)
     );
 
-    // One pass over every key: each verification is a cache miss.
+    // One pass over every key: each verification is a cache miss. Its first keys are verified
+    // at a fixed rate (open loop), for the latency of a miss at that load; the rest as fast as
+    // the server answers 16 connections (closed loop), for the rate of misses it sustains, with
+    // latencies that are mostly the queue of 16 requests on a machine the generator shares.
     let wire = Arc::new(Wire::new(&root, &tokens)?);
+    let paced = (tokens.len() as u64 / 2).min((args.miss_rate * MISS_PACED_SECONDS) as u64);
     let w = wire.clone();
     let m = measure(
         pid,
@@ -591,14 +669,54 @@ async fn main() -> Result<(), Failure> {
             server.addr,
             None,
             16,
-            None,
-            Some(tokens.len() as u64),
+            Plan::paced(paced, args.miss_rate),
             200,
             Arc::new(move |i| w.verify(i)),
         ),
     )
     .await?;
-    println!("first pass (cache misses), 16 conns: {}", m.summary());
+    println!(
+        "first pass, {paced} keys (cache misses), open loop at {:.0}/s over 16 conns: {}",
+        args.miss_rate,
+        m.summary()
+    );
+    // The same open loop against the static handler: the latency this machine, this HTTP stack
+    // and this generator give any request at that rate, which a miss's figures include.
+    let m = measure(
+        pid,
+        drive(
+            server.addr,
+            None,
+            16,
+            Plan::paced(paced, args.miss_rate),
+            200,
+            Endpoint::Static.requests(&wire),
+        ),
+    )
+    .await?;
+    println!(
+        "the static handler, {paced} requests, open loop at {:.0}/s over 16 conns: {}",
+        args.miss_rate,
+        m.summary()
+    );
+    let w = wire.clone();
+    let m = measure(
+        pid,
+        drive(
+            server.addr,
+            None,
+            16,
+            Plan::requests(tokens.len() as u64 - paced),
+            200,
+            Arc::new(move |i| w.verify(i + paced)),
+        ),
+    )
+    .await?;
+    println!(
+        "first pass, the other {} keys (cache misses), closed loop over 16 conns: {}",
+        tokens.len() as u64 - paced,
+        m.summary()
+    );
     println!(
         "RSS after every key was verified once: {:.0} MiB",
         rss_mib(pid).unwrap_or(0.0)
@@ -611,8 +729,12 @@ async fn main() -> Result<(), Failure> {
             only.name()
         );
         let make = only.requests(&wire);
-        let secs = Some(Duration::from_secs(args.seconds));
-        let m = measure(pid, drive(server.addr, None, conns, secs, None, 200, make)).await?;
+        let secs = Duration::from_secs(args.seconds);
+        let m = measure(
+            pid,
+            drive(server.addr, None, conns, Plan::lasting(secs), 200, make),
+        )
+        .await?;
         println!("{}: {}", only.name(), m.summary());
         return Ok(());
     }
@@ -691,8 +813,7 @@ async fn main() -> Result<(), Failure> {
         server.addr,
         None,
         conns,
-        Some(secs),
-        None,
+        Plan::lasting(secs),
         200,
         valid.clone(),
     )
@@ -712,12 +833,11 @@ async fn main() -> Result<(), Failure> {
         server.addr,
         Some(flood_addr),
         conns,
-        Some(secs),
-        None,
+        Plan::lasting(secs),
         0,
         bogus,
     ));
-    let during = drive(server.addr, None, conns, Some(secs), None, 200, valid).await?;
+    let during = drive(server.addr, None, conns, Plan::lasting(secs), 200, valid).await?;
     let flood = flood.await??;
     let misses = cache_misses(server.addr)
         .await?
@@ -805,7 +925,10 @@ async fn rounds_of(
         // One timed run of `make`'s requests over `conns` connections, all answered 200.
         let timed = |endpoint: Endpoint| {
             let make = endpoint.requests(wire);
-            measure(pid, drive(addr, None, conns, Some(secs), None, 200, make))
+            measure(
+                pid,
+                drive(addr, None, conns, Plan::lasting(secs), 200, make),
+            )
         };
         let mut round = vec![
             timed(Endpoint::Static).await?,
@@ -861,5 +984,30 @@ mod bare {
         let mut cmd = Command::new(&bin);
         cmd.arg(list);
         super::spawn_listening(cmd, "bare listening on ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_loop_spaces_its_requests_by_the_rate_and_a_closed_one_has_no_schedule() {
+        let start = Instant::now();
+        let plan = Plan::paced(10, 4_000.0);
+        assert_eq!(plan.due(start, 0), Some(start));
+        assert_eq!(plan.due(start, 1), Some(start + Duration::from_micros(250)));
+        assert_eq!(plan.due(start, 8_000), Some(start + Duration::from_secs(2)));
+        assert_eq!(Plan::requests(10).due(start, 5), None);
+        assert_eq!(Plan::lasting(Duration::from_secs(1)).due(start, 5), None);
+    }
+
+    #[test]
+    fn a_miss_rate_must_be_a_finite_number_above_zero() {
+        assert_eq!(positive_rate("5000"), Ok(5_000.0));
+        assert_eq!(positive_rate("0.5"), Ok(0.5));
+        for bad in ["0", "-3", "inf", "NaN", "fast", ""] {
+            assert!(positive_rate(bad).is_err(), "{bad} was accepted");
+        }
     }
 }

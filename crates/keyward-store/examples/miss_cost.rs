@@ -70,6 +70,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         us[n * 99 / 100],
         us[n - 1]
     );
+    println!(
+        "db size {} MiB",
+        std::fs::metadata(dir.path().join("keyward.db"))?.len() >> 20
+    );
     store.close().await;
     Ok(())
 }
