@@ -662,61 +662,21 @@ async fn main() -> Result<(), Failure> {
     // latencies that are mostly the queue of 16 requests on a machine the generator shares.
     let wire = Arc::new(Wire::new(&root, &tokens)?);
     let paced = (tokens.len() as u64 / 2).min((args.miss_rate * MISS_PACED_SECONDS) as u64);
+    let rate = args.miss_rate;
     let w = wire.clone();
-    let m = measure(
-        pid,
-        drive(
-            server.addr,
-            None,
-            16,
-            Plan::paced(paced, args.miss_rate),
-            200,
-            Arc::new(move |i| w.verify(i)),
-        ),
-    )
-    .await?;
-    println!(
-        "first pass, {paced} keys (cache misses), open loop at {:.0}/s over 16 conns: {}",
-        args.miss_rate,
-        m.summary()
-    );
+    let label = format!("first pass, {paced} keys (cache misses), open loop at {rate:.0}/s");
+    let make: MakeRequest = Arc::new(move |i| w.verify(i));
+    first_pass_run(pid, server.addr, Plan::paced(paced, rate), make, &label).await?;
     // The same open loop against the static handler: the latency this machine, this HTTP stack
     // and this generator give any request at that rate, which a miss's figures include.
-    let m = measure(
-        pid,
-        drive(
-            server.addr,
-            None,
-            16,
-            Plan::paced(paced, args.miss_rate),
-            200,
-            Endpoint::Static.requests(&wire),
-        ),
-    )
-    .await?;
-    println!(
-        "the static handler, {paced} requests, open loop at {:.0}/s over 16 conns: {}",
-        args.miss_rate,
-        m.summary()
-    );
+    let label = format!("the static handler, {paced} requests, open loop at {rate:.0}/s");
+    let make = Endpoint::Static.requests(&wire);
+    first_pass_run(pid, server.addr, Plan::paced(paced, rate), make, &label).await?;
     let w = wire.clone();
-    let m = measure(
-        pid,
-        drive(
-            server.addr,
-            None,
-            16,
-            Plan::requests(tokens.len() as u64 - paced),
-            200,
-            Arc::new(move |i| w.verify(i + paced)),
-        ),
-    )
-    .await?;
-    println!(
-        "first pass, the other {} keys (cache misses), closed loop over 16 conns: {}",
-        tokens.len() as u64 - paced,
-        m.summary()
-    );
+    let rest = tokens.len() as u64 - paced;
+    let label = format!("first pass, the other {rest} keys (cache misses), closed loop");
+    let make: MakeRequest = Arc::new(move |i| w.verify(i + paced));
+    first_pass_run(pid, server.addr, Plan::requests(rest), make, &label).await?;
     println!(
         "RSS after every key was verified once: {:.0} MiB",
         rss_mib(pid).unwrap_or(0.0)
@@ -904,6 +864,20 @@ async fn main() -> Result<(), Failure> {
             m[1].us_per_request(m[1].cpu.client),
         );
     }
+    Ok(())
+}
+
+/// One run of the first pass, over 16 connections to the server at `addr` (process `pid`),
+/// printed after `label`.
+async fn first_pass_run(
+    pid: u32,
+    addr: SocketAddr,
+    plan: Plan,
+    make: MakeRequest,
+    label: &str,
+) -> Result<(), Failure> {
+    let m = measure(pid, drive(addr, None, 16, plan, 200, make)).await?;
+    println!("{label} over 16 conns: {}", m.summary());
     Ok(())
 }
 
