@@ -127,7 +127,7 @@ impl TscWall {
             let since = self.clock.delta_as_nanos(anchor_raw, raw);
             if since < REANCHOR_NS || !self.reanchor() {
                 // A thread that finds another already re-anchoring answers from the old anchor
-                // (a second old at most) rather than wait for it.
+                // (barely older than REANCHOR_NS) rather than wait for it.
                 return anchor_ns.saturating_add(since as i64);
             }
         }
@@ -153,7 +153,7 @@ impl TscWall {
 /// A counter reading and the system clock's time at that reading. The two are read one after
 /// the other, so the system clock is read between two counter readings, and a pair whose
 /// readings are far apart (the thread was descheduled in between) is read again: an anchor
-/// taken across a pause would put every answer off by the pause for the anchor's second.
+/// taken across a pause would put every answer off by the pause for the anchor's lifetime.
 fn anchor(clock: &quanta::Clock, wall: fn() -> i64) -> (u64, i64) {
     /// A system-clock read takes well under a microsecond; this much means an interruption.
     const CLOSE_NS: u64 = 20_000;

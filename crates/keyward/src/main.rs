@@ -30,6 +30,9 @@ mod config;
 /// pairs of runs at 10,000 to 1,000,000 keys: in 6 the p99 was lower without them (1.65-3.43
 /// ms, against 5.37-26.56 ms with them); one was even (1.88 against 1.76 ms) and one, at a
 /// million keys, went the other way (47.9 against 8.8 ms; see the README's Performance).
+/// The feature only stops mimalloc asking for huge pages; on a kernel whose huge-page mode is
+/// `always` (not this machine's `madvise`), `MIMALLOC_ALLOW_THP=0` in the environment turns
+/// them off for the process (the README's Performance section says so too).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
