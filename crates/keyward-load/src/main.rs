@@ -680,7 +680,11 @@ async fn main() -> Result<(), Failure> {
     }
     let w = wire.clone();
     let rest = tokens.len() as u64 - paced;
-    let label = format!("first pass, the other {rest} keys (cache misses), closed loop");
+    let label = if paced > 0 {
+        format!("first pass, the other {rest} keys (cache misses), closed loop")
+    } else {
+        format!("first pass, {rest} keys (cache misses), closed loop")
+    };
     let make: MakeRequest = Arc::new(move |i| w.verify(i + paced));
     first_pass_run(pid, server.addr, Plan::requests(rest), make, &label).await?;
     println!(
