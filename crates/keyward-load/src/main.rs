@@ -540,6 +540,21 @@ impl Plan {
         self.rate
             .map(|r| started + Duration::from_secs_f64(i as f64 / r))
     }
+
+    /// For request `i`, taken by a connection that is free at `now`: when to send it (`None`:
+    /// at once) and when its latency counts from (`None`: from when it is sent). See [`drive`].
+    fn schedule(
+        &self,
+        started: Instant,
+        i: u64,
+        now: Instant,
+    ) -> (Option<Instant>, Option<Instant>) {
+        match self.due(started, i) {
+            Some(due) if due > now => (Some(due), None),
+            Some(due) => (None, Some(due)),
+            None => (None, None),
+        }
+    }
 }
 
 /// Drives `conns` keep-alive connections, each sending `make(i)` in a loop, as `plan` says.
@@ -590,14 +605,11 @@ async fn drive(
                 if plan.total.is_some_and(|t| i >= t) {
                     break;
                 }
-                let t0 = match plan.due(started, i) {
-                    Some(due) if due > Instant::now() => {
-                        tokio::time::sleep_until(due.into()).await;
-                        Instant::now()
-                    }
-                    Some(due) => due,
-                    None => Instant::now(),
-                };
+                let (send_at, counted_from) = plan.schedule(started, i, Instant::now());
+                if let Some(t) = send_at {
+                    tokio::time::sleep_until(t.into()).await;
+                }
+                let t0 = counted_from.unwrap_or_else(Instant::now);
                 let resp = sender.send_request(make(i)).await?;
                 let ok = resp.status().as_u16() == expect
                     || (expect == 0 && resp.status().as_u16() >= 400);
@@ -753,7 +765,6 @@ async fn main() -> Result<(), Failure> {
             order.sort_by(|a, b| ratios[*a].total_cmp(&ratios[*b]));
             let m = &rounds[shown][i];
             let (lo, hi) = (ratios[order[0]], ratios[order[order.len() - 1]]);
-            let per = |d: Duration| m.us_per_request(d);
             println!(
                 "| {conns} | {name} | {:.0} | {:.0}% ({:.0}-{:.0}%) | {:.2} | {:.2} | {:.2} | {} | {:.1} + {:.1} | {:.1} |",
                 m.run.rps(),
@@ -764,9 +775,9 @@ async fn main() -> Result<(), Failure> {
                 m.run.ms(0.99),
                 m.run.ms(0.999),
                 rounds.iter().map(|r| r[i].run.errors).sum::<u64>(),
-                per(m.cpu.server_user),
-                per(m.cpu.server_sys),
-                per(m.cpu.client),
+                m.us_per_request(m.cpu.server_user),
+                m.us_per_request(m.cpu.server_sys),
+                m.us_per_request(m.cpu.client),
             );
         }
     }
@@ -984,6 +995,24 @@ mod tests {
         assert_eq!(plan.due(start, 8_000), Some(start + Duration::from_secs(2)));
         assert_eq!(Plan::requests(10).due(start, 5), None);
         assert_eq!(Plan::lasting(Duration::from_secs(1)).due(start, 5), None);
+    }
+
+    #[test]
+    fn an_open_loop_request_counts_from_when_it_was_due_only_if_its_connection_was_late() {
+        let start = Instant::now();
+        let plan = Plan::paced(10, 1_000.0);
+        let due = start + Duration::from_millis(3);
+        // A connection free before the request is due waits for it, and times it from its send:
+        // the timer's lateness is the generator's.
+        let early = due - Duration::from_micros(500);
+        assert_eq!(plan.schedule(start, 3, early), (Some(due), None));
+        // One still busy when it fell due (a slow answer before it) sends at once and times it
+        // from when it was due: the wait is the server's.
+        let late = due + Duration::from_millis(7);
+        assert_eq!(plan.schedule(start, 3, late), (None, Some(due)));
+        assert_eq!(plan.schedule(start, 3, due), (None, Some(due)));
+        // A closed loop sends at once and times from the send.
+        assert_eq!(Plan::requests(10).schedule(start, 3, late), (None, None));
     }
 
     #[test]

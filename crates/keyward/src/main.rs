@@ -25,8 +25,8 @@ mod config;
 /// Built without transparent huge pages (the `no_thp` feature, in the workspace manifest). With
 /// them, mimalloc asks the kernel for 2 MiB pages, and the first touch of each one zeroes all of
 /// it inside one page fault: while the cache grows (a burst of misses after a restart) a worker
-/// stalled for milliseconds at a time, and `perf` put most of the server's samples in the
-/// stalls on that zeroing. Misses at 5,000/s (`keyward-load`'s open-loop pass), 8 alternating
+/// stalled for milliseconds at a time; in one traced run that zeroing was the largest share of
+/// the server's `perf` samples in the stalls (179 of 787 in the longest). Misses at 5,000/s (`keyward-load`'s open-loop pass), 8 alternating
 /// pairs of runs at 10,000 to 1,000,000 keys: in 6 the p99 was lower without them (1.65-3.43
 /// ms, against 5.37-26.56 ms with them); one was even (1.88 against 1.76 ms) and one, at a
 /// million keys, went the other way (47.9 against 8.8 ms; see the README's Performance).
