@@ -56,7 +56,10 @@ def per_request(endpoint):
     for line in open(f"{out}/{endpoint}.syms"):
         parts = line.split(None, 2)
         if len(parts) == 3 and parts[0].isdigit():
-            d[(parts[1], parts[2].strip())] = d.get((parts[1], parts[2].strip()), 0) + int(parts[0]) * scale
+            # perf pads its columns to each report's widest entry: the symbol's text is
+            # compared with its runs of spaces collapsed, or the two reports' keys differ.
+            key = (parts[1], " ".join(parts[2].split()))
+            d[key] = d.get(key, 0) + int(parts[0]) * scale
     return d
 
 s, v = per_request("static"), per_request(what)
