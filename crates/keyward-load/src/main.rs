@@ -37,7 +37,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::header::HeaderValue;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use keyward_core::model::{Agent, AgentStatus, AgentType, AuditEvent, Key, Outcome, TraceContext};
+use keyward_core::model::{
+    Agent, AgentStatus, AgentType, AuditEvent, Key, Outcome, Quota, QuotaPeriod, TraceContext,
+};
 use keyward_core::scope::Scope;
 use keyward_core::token::{self, Environment, TokenKind};
 use keyward_store::sqlite::SqliteStore;
@@ -74,7 +76,18 @@ struct Args {
     /// keys, at most 10 s of them): the latency of a miss at that load.
     #[arg(long, default_value_t = 5_000.0, value_parser = positive_rate)]
     miss_rate: f64,
+    /// Give every seeded key a daily quota (of a billion uses: never reached). A key's first
+    /// use in a period then also reads its count so far from the store, so the first pass
+    /// measures that path.
+    #[arg(long)]
+    quota: bool,
 }
+
+/// The quota `--quota` gives every key.
+const LOAD_QUOTA: Quota = Quota {
+    limit: 1_000_000_000,
+    period: QuotaPeriod::Day,
+};
 
 /// How long the open-loop part of the first pass lasts at most.
 const MISS_PACED_SECONDS: f64 = 10.0;
@@ -277,9 +290,10 @@ fn agent_key(
     org_id: Uuid,
     agent_id: Uuid,
     scopes: &[Scope],
+    quota: Option<Quota>,
     now: keyward_core::model::Timestamp,
 ) -> Result<(Key, String), Failure> {
-    let (key, plain) = Key::mint(
+    let (mut key, plain) = Key::mint(
         org_id,
         Some(agent_id),
         TokenKind::Agent,
@@ -287,15 +301,17 @@ fn agent_key(
         scopes.to_vec(),
         now,
     )?;
+    key.quota = quota;
     Ok((key, plain.expose().to_string()))
 }
 
-/// Seeds one agent with `n` keys; returns every plaintext.
+/// Seeds one agent with `n` keys, each with `quota` if given; returns every plaintext.
 async fn seed(
     data: &std::path::Path,
     db: Option<&str>,
     org_id: Uuid,
     n: usize,
+    quota: Option<Quota>,
 ) -> Result<Vec<String>, Failure> {
     let store: Box<dyn keyward_store::Store> = match db {
         Some(url) => Box::new(keyward_store::postgres::PostgresStore::connect(url).await?),
@@ -322,7 +338,7 @@ async fn seed(
         updated_at: now,
         revoked_at: None,
     };
-    let (first, first_plain) = agent_key(org_id, agent.id, &scopes, now)?;
+    let (first, first_plain) = agent_key(org_id, agent.id, &scopes, quota, now)?;
     store
         .create_agent(&agent, &first, &[event(org_id, "agent.create", now)], None)
         .await?;
@@ -332,7 +348,7 @@ async fn seed(
         let batch = (n - tokens.len()).min(20_000);
         let mut keys = Vec::with_capacity(batch);
         for _ in 0..batch {
-            let (k, p) = agent_key(org_id, agent.id, &scopes, now)?;
+            let (k, p) = agent_key(org_id, agent.id, &scopes, quota, now)?;
             keys.push(k);
             tokens.push(p);
         }
@@ -656,7 +672,16 @@ async fn main() -> Result<(), Failure> {
     let db = args.database_url.as_deref();
     let (org_id, root) = init(&args.bin, &data, db)?;
     let t = Instant::now();
-    let tokens = Arc::new(seed(&data, db, org_id, args.keys).await?);
+    let tokens = Arc::new(
+        seed(
+            &data,
+            db,
+            org_id,
+            args.keys,
+            args.quota.then_some(LOAD_QUOTA),
+        )
+        .await?,
+    );
     println!(
         "seeded {} keys in {:.1} s",
         tokens.len(),
