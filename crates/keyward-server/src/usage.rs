@@ -103,6 +103,12 @@ struct Live {
     last_used_ms: i64,
     /// On the dirty list (something to flush).
     queued: bool,
+    /// A flush holds counts it took from this state and has not yet written (or put back).
+    in_flight: bool,
+    /// How many times a flush has taken this state's counts (wrapping). With `in_flight`, lets
+    /// a reader of the store know that no flush moved this key's counts while it read (see
+    /// [`Meter::count_ungated`]).
+    takes: u32,
     quota: Option<Box<QuotaCounter>>,
 }
 
@@ -235,6 +241,32 @@ pub struct Admission {
 
 /// What a flush took from one state: its counts by hour and its last use (0: none).
 type Taken<'a> = (&'a Arc<KeyState>, Vec<(i64, Counts)>, i64);
+
+/// A flush's first step: takes every count and last use from `queued`, marking each state as
+/// held by a flush (`in_flight`) until the flush has written or put back what it took.
+fn take_counts(queued: &[Arc<KeyState>]) -> Vec<Taken<'_>> {
+    queued
+        .iter()
+        .map(|state| {
+            let mut live = state.lock();
+            live.queued = false;
+            live.in_flight = true;
+            live.takes = live.takes.wrapping_add(1);
+            let current = (live.hour_ms, std::mem::take(&mut live.counts));
+            let hours: Vec<(i64, Counts)> = live
+                .earlier
+                .take()
+                .map(|b| *b)
+                .unwrap_or_default()
+                .into_iter()
+                .chain(std::iter::once(current))
+                .filter(|(_, c)| !c.is_empty())
+                .collect();
+            let last = std::mem::take(&mut live.last_used_ms);
+            (state, hours, last)
+        })
+        .collect()
+}
 
 /// Shards of the registry: looked up on cache fills, not per request.
 const SHARDS: usize = 64;
@@ -449,12 +481,15 @@ impl Meter {
         let now = from_millis(now_ms);
         let start = period_start(q.period, now);
         let end = period_end(q.period, now);
-        let (stored, pending) = {
-            let _gate = self.flush_gate.read().await;
-            (
-                store.allowed_between(key.id, start, end).await?,
-                pending_allowed(&state.lock(), start, end),
-            )
+        let (stored, pending) = match self.count_ungated(store, state, key.id, start, end).await? {
+            Some(counts) => counts,
+            None => {
+                let _gate = self.flush_gate.read().await;
+                (
+                    store.allowed_between(key.id, start, end).await?,
+                    pending_allowed(&state.lock(), start, end),
+                )
+            }
         };
         let result = {
             let mut live = state.lock();
@@ -483,6 +518,41 @@ impl Meter {
         };
         self.push_alerts(alerts);
         result.map(Some).map_err(ApiError::from)
+    }
+
+    /// A key's allowed uses in `[start, end)`, stored and pending, read without waiting for a
+    /// flush in progress; `None` when a flush held or took this key's counts meanwhile (they may
+    /// be in neither place the reader looked: ask again under `flush_gate`).
+    ///
+    /// Why: a flush holds the gate while it writes every used key's counts (tens of
+    /// milliseconds with thousands of keys), and a key's first use of a period read its count
+    /// under the gate, so a first use that met a flush waited for all of it (at 60,000 keys with
+    /// a quota each, the first pass's misses had a p99 of 7.3-7.4 ms, against 1.3-1.7 ms without
+    /// quotas). A flush is only a hazard for the keys whose counts it took: this key's counts are
+    /// in the store or in `pending` if no flush held them when the read began (a flush clears
+    /// `in_flight` only once its write is committed, so the read sees that write) and none took
+    /// them before the read ended (`takes` is unchanged).
+    async fn count_ungated(
+        &self,
+        store: &dyn Store,
+        state: &KeyState,
+        key_id: Uuid,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> StoreResult<Option<(u64, u64)>> {
+        let before = {
+            let live = state.lock();
+            if live.in_flight {
+                return Ok(None);
+            }
+            live.takes
+        };
+        let stored = store.allowed_between(key_id, start, end).await?;
+        let live = state.lock();
+        if live.in_flight || live.takes != before {
+            return Ok(None);
+        }
+        Ok(Some((stored, pending_allowed(&live, start, end))))
     }
 
     /// Takes the unit in a store shared by several nodes; the node whose take crosses a
@@ -603,23 +673,7 @@ impl Meter {
         }
         let started = Instant::now();
         // What each state gave up, to put back if the store refuses it.
-        let mut taken: Vec<Taken> = Vec::with_capacity(queued.len());
-        for state in &queued {
-            let mut live = state.lock();
-            live.queued = false;
-            let current = (live.hour_ms, std::mem::take(&mut live.counts));
-            let hours: Vec<(i64, Counts)> = live
-                .earlier
-                .take()
-                .map(|b| *b)
-                .unwrap_or_default()
-                .into_iter()
-                .chain(std::iter::once(current))
-                .filter(|(_, c)| !c.is_empty())
-                .collect();
-            let last = std::mem::take(&mut live.last_used_ms);
-            taken.push((state, hours, last));
-        }
+        let taken = take_counts(&queued);
         let deltas: Vec<UsageDelta> = taken
             .iter()
             .flat_map(|(state, hours, _)| {
@@ -640,6 +694,10 @@ impl Meter {
             .collect();
         match store.record_usage(&deltas, &last_used, &alerts).await {
             Ok(()) => {
+                // Committed: readers of the store see these counts from now on.
+                for (state, _, _) in &taken {
+                    state.lock().in_flight = false;
+                }
                 metrics::histogram!("keyward_usage_flush_duration_seconds")
                     .record(started.elapsed().as_secs_f64());
                 Ok(())
@@ -648,6 +706,7 @@ impl Meter {
                 // Put everything back, each count in its key's state, to go with the next flush.
                 for (state, hours, last) in taken {
                     let mut live = state.lock();
+                    live.in_flight = false;
                     for (hour_ms, c) in hours {
                         if hour_ms == live.hour_ms {
                             live.counts.merge(c);
@@ -773,5 +832,112 @@ fn alert(
                 "period_start": keyward_proto::ts::format(&period_start),
             }),
         },
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use keyward_core::model::Quota;
+    use keyward_core::token::TokenKind;
+    use keyward_store::conformance;
+    use keyward_store::sqlite::SqliteStore;
+    use std::time::Duration;
+
+    /// A store with an org, an agent and its key, which has a daily quota of 100.
+    async fn store_and_key(dir: &tempfile::TempDir) -> (Arc<SqliteStore>, Key) {
+        let store = SqliteStore::open(&dir.path().join("k.db")).await.unwrap();
+        let org = conformance::org("o");
+        let root = conformance::key(org.id, None, TokenKind::Root);
+        store
+            .create_org(&org, &root, &conformance::event(org.id, "org.create"))
+            .await
+            .unwrap();
+        let agent = conformance::agent(org.id, "a");
+        let mut key = conformance::key(org.id, Some(agent.id), TokenKind::Agent);
+        key.quota = Some(Quota {
+            limit: 100,
+            period: QuotaPeriod::Day,
+        });
+        store.create_agent(&agent, &key, &[], None).await.unwrap();
+        (Arc::new(store), key)
+    }
+
+    /// A flush in progress holds the gate while it writes the keys it took. A key it did not
+    /// take reads its count without waiting for it (before, every first use of a period that met
+    /// a flush waited for all of it).
+    #[tokio::test]
+    async fn a_first_use_does_not_wait_for_a_flush_of_other_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, key) = store_and_key(&dir).await;
+        let meter = Meter::default();
+        let state = meter.state(key.id, key.org_id);
+        let _flush_in_progress = meter.flush_gate.write().await;
+        let now_ms = conformance::now().timestamp_millis();
+        // The bound only turns a hang (waiting for the gate held above) into a failure.
+        let taken = tokio::time::timeout(
+            Duration::from_secs(30),
+            meter.take_quota(store.as_ref(), &state, &key, now_ms),
+        )
+        .await
+        .expect("the first use waited for a flush that did not hold its key's counts")
+        .unwrap()
+        .unwrap();
+        assert_eq!(taken.used, 1);
+    }
+
+    /// A flush that took this key's counts and has not written them yet: they are neither
+    /// pending nor stored, so the first use waits for the flush and then counts them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_use_waits_for_a_flush_holding_its_keys_counts_and_counts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, key) = store_and_key(&dir).await;
+        let meter = Arc::new(Meter::default());
+        let state = meter.state(key.id, key.org_id);
+        let now_ms = conformance::now().timestamp_millis();
+        // Three uses made before the key had its quota (counted, but no quota counter).
+        for _ in 0..3 {
+            meter.record(&state, Use::Allowed, now_ms);
+        }
+        // A flush's first steps: the gate, then the counts taken.
+        let gate = meter.flush_gate.write().await;
+        let queued = std::mem::take(&mut *lock(&meter.dirty));
+        let taken = take_counts(&queued);
+        let first_use = {
+            let (meter, store, state, key) =
+                (meter.clone(), store.clone(), state.clone(), key.clone());
+            tokio::spawn(async move {
+                meter
+                    .take_quota(store.as_ref(), &state, &key, now_ms)
+                    .await
+                    .map(|q| q.map(|q| q.used))
+            })
+        };
+        // Time for a first use that did not wait to read the store before the write below
+        // (with one that waits, as it must, this only delays the test).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let hour = from_millis(now_ms - now_ms.rem_euclid(3_600_000));
+        let deltas: Vec<UsageDelta> = taken
+            .iter()
+            .flat_map(|(s, hours, _)| {
+                hours.iter().map(|(_, c)| UsageDelta {
+                    key_id: s.key_id,
+                    org_id: s.org_id,
+                    hour,
+                    allowed: c.allowed,
+                    denied: c.denied,
+                    rate_limited: c.rate_limited,
+                })
+            })
+            .collect();
+        assert_eq!(deltas.iter().map(|d| d.allowed).sum::<u64>(), 3);
+        store.record_usage(&deltas, &[], &[]).await.unwrap();
+        for (s, _, _) in &taken {
+            s.lock().in_flight = false;
+        }
+        drop(gate);
+        let used = first_use.await.unwrap().unwrap();
+        assert_eq!(used, Some(4), "the three uses the flush held, and this one");
     }
 }

@@ -1,4 +1,5 @@
-//! The read on the verification path, a key by its digest (a verify-cache miss), done on the
+//! The reads on the verification path, a key by its digest (a verify-cache miss) and a key's
+//! allowed uses in a period (the first use of a period of a key with a quota), done on the
 //! calling thread through a small pool of plain `rusqlite` connections.
 //!
 //! Why not sqlx, like every other query: sqlx runs each SQLite connection on a thread of its
@@ -147,11 +148,40 @@ impl HotReads {
         &self,
         digest: &TokenDigest,
     ) -> Option<StoreResult<Option<KeyWithAgent>>> {
+        self.run(|conn| read(conn, digest))
+    }
+
+    /// The allowed uses of `key_id` in hours `[since_ms, until_ms)` (the store's
+    /// `ALLOWED_BETWEEN`); `None` as for [`HotReads::key_by_digest`].
+    pub(super) fn allowed_between(
+        &self,
+        key_id: &str,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Option<StoreResult<u64>> {
+        self.run(|conn| {
+            conn.prepare_cached(super::ALLOWED_BETWEEN)
+                .and_then(|mut stmt| {
+                    stmt.query_row(rusqlite::params![key_id, since_ms, until_ms], |row| {
+                        row.get::<_, i64>(0)
+                    })
+                })
+                .map(|n| n.max(0) as u64)
+                .map_err(Failed::Sqlite)
+        })
+    }
+
+    /// Runs `query` on a connection of the pool, or answers `None` (ask the sqlx path) when
+    /// none can be had or the database is busy.
+    fn run<T>(
+        &self,
+        query: impl FnOnce(&Connection) -> Result<T, Failed>,
+    ) -> Option<StoreResult<T>> {
         let conn = match self.take()? {
             Ok(c) => c,
             Err(e) => return Some(Err(e)),
         };
-        let found = read(&conn, digest);
+        let found = query(&conn);
         if matches!(&found, Err(Failed::Sqlite(e)) if is_busy(e)) {
             self.put(conn);
             return None;
