@@ -242,6 +242,23 @@ pub struct Admission {
 /// What a flush took from one state: its counts by hour and its last use (0: none).
 type Taken<'a> = (&'a Arc<KeyState>, Vec<(i64, Counts)>, i64);
 
+/// The store's rows for what a flush took: one per key and hour.
+fn deltas_of(taken: &[Taken<'_>]) -> Vec<UsageDelta> {
+    taken
+        .iter()
+        .flat_map(|(state, hours, _)| {
+            hours.iter().map(|(hour_ms, c)| UsageDelta {
+                key_id: state.key_id,
+                org_id: state.org_id,
+                hour: from_millis(*hour_ms),
+                allowed: c.allowed,
+                denied: c.denied,
+                rate_limited: c.rate_limited,
+            })
+        })
+        .collect()
+}
+
 /// Starts (or restarts, for a new period or a changed quota) the key's quota counter at `used`
 /// allowed uses so far, unless another request started it first, and takes one unit from it.
 #[allow(clippy::too_many_arguments)]
@@ -701,19 +718,7 @@ impl Meter {
         let started = Instant::now();
         // What each state gave up, to put back if the store refuses it.
         let taken = take_counts(&queued);
-        let deltas: Vec<UsageDelta> = taken
-            .iter()
-            .flat_map(|(state, hours, _)| {
-                hours.iter().map(|(hour_ms, c)| UsageDelta {
-                    key_id: state.key_id,
-                    org_id: state.org_id,
-                    hour: from_millis(*hour_ms),
-                    allowed: c.allowed,
-                    denied: c.denied,
-                    rate_limited: c.rate_limited,
-                })
-            })
-            .collect();
+        let deltas = deltas_of(&taken);
         let last_used: Vec<(Uuid, Timestamp)> = taken
             .iter()
             .filter(|(_, _, last)| *last != 0)
@@ -891,15 +896,27 @@ mod tests {
         (Arc::new(store), key)
     }
 
+    /// [`store_and_key`], with a meter and the key's state in it.
+    async fn metered_key() -> (
+        tempfile::TempDir,
+        Arc<SqliteStore>,
+        Key,
+        Meter,
+        Arc<KeyState>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, key) = store_and_key(&dir).await;
+        let meter = Meter::default();
+        let state = meter.state(key.id, key.org_id);
+        (dir, store, key, meter, state)
+    }
+
     /// A flush in progress holds the gate while it writes the keys it took. A key it did not
     /// take reads its count without waiting for it (before, every first use of a period that met
     /// a flush waited for all of it).
     #[tokio::test]
     async fn a_first_use_does_not_wait_for_a_flush_of_other_keys() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, key) = store_and_key(&dir).await;
-        let meter = Meter::default();
-        let state = meter.state(key.id, key.org_id);
+        let (_dir, store, key, meter, state) = metered_key().await;
         let _flush_in_progress = meter.flush_gate.write().await;
         let now_ms = conformance::now().timestamp_millis();
         // The bound only turns a hang (waiting for the gate held above) into a failure.
@@ -944,20 +961,7 @@ mod tests {
         // Time for a first use that did not wait to read the store before the write below
         // (with one that waits, as it must, this only delays the test).
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let hour = from_millis(now_ms - now_ms.rem_euclid(3_600_000));
-        let deltas: Vec<UsageDelta> = taken
-            .iter()
-            .flat_map(|(s, hours, _)| {
-                hours.iter().map(|(_, c)| UsageDelta {
-                    key_id: s.key_id,
-                    org_id: s.org_id,
-                    hour,
-                    allowed: c.allowed,
-                    denied: c.denied,
-                    rate_limited: c.rate_limited,
-                })
-            })
-            .collect();
+        let deltas = deltas_of(&taken);
         assert_eq!(deltas.iter().map(|d| d.allowed).sum::<u64>(), 3);
         store.record_usage(&deltas, &[], &[]).await.unwrap();
         for (s, _, _) in &taken {
@@ -1017,10 +1021,7 @@ mod tests {
     /// store refuses them and they are put back.
     #[tokio::test]
     async fn a_flush_lets_go_of_its_keys_when_written_and_when_put_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, key) = store_and_key(&dir).await;
-        let meter = Meter::default();
-        let state = meter.state(key.id, key.org_id);
+        let (_dir, store, _, meter, state) = metered_key().await;
         let now_ms = conformance::now().timestamp_millis();
         meter.record(&state, Use::Allowed, now_ms);
         meter.flush(store.as_ref()).await.unwrap();
