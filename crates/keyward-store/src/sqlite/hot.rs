@@ -15,8 +15,8 @@
 //!
 //! A connection is taken from the pool for one query and put back; a thread that finds none
 //! free opens one, up to [`MAX_CONNECTIONS`] (one per thread that reads at once, so the cap is
-//! only reached with more worker threads than that). When none can be had, or SQLite reports
-//! the database busy, the caller falls back to the sqlx path, which waits.
+//! only reached with more worker threads than that). When none can be had (or opened), or
+//! SQLite reports the database busy, the caller falls back to the sqlx path, which waits.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -89,15 +89,17 @@ impl HotReads {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A connection of the pool, or a new one; `None` when the pool is at its cap.
-    fn take(&self) -> Option<StoreResult<Connection>> {
+    /// A connection of the pool, or a new one; `None` when the pool is closed or at its cap, or
+    /// a new connection could not be opened (the sqlx path, whose connections are open already,
+    /// may still answer: out of file descriptors, say).
+    fn take(&self) -> Option<Connection> {
         {
             let mut pool = self.pool();
             if pool.closed {
                 return None;
             }
             if let Some(c) = pool.idle.pop() {
-                return Some(Ok(c));
+                return Some(c);
             }
             if pool.open >= self.cap {
                 return None;
@@ -113,7 +115,7 @@ impl HotReads {
             self.pool().open -= 1;
             self.drained.notify_all();
         }
-        Some(opened.map_err(map_err))
+        opened.ok()
     }
 
     fn put(&self, c: Connection) {
@@ -177,10 +179,7 @@ impl HotReads {
         &self,
         query: impl FnOnce(&Connection) -> Result<T, Failed>,
     ) -> Option<StoreResult<T>> {
-        let conn = match self.take()? {
-            Ok(c) => c,
-            Err(e) => return Some(Err(e)),
-        };
+        let conn = self.take()?;
         let found = query(&conn);
         if matches!(&found, Err(Failed::Sqlite(e)) if is_busy(e)) {
             self.put(conn);
@@ -315,7 +314,7 @@ mod tests {
             .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE t (x INTEGER);")
             .unwrap();
         let hot = Arc::new(HotReads::new(path));
-        let in_use = hot.take().unwrap().unwrap();
+        let in_use = hot.take().unwrap();
         assert_eq!(hot.opened(), 1);
         let returner = {
             let hot = Arc::clone(&hot);
@@ -357,6 +356,17 @@ mod tests {
         assert!(hot.key_by_digest(&TokenDigest([1; 32])).is_none());
         assert_eq!(hot.opened(), 1, "the connection is kept");
         assert_eq!(hot.pool().idle.len(), 1, "and back in the pool");
+    }
+
+    /// A database that cannot be opened on this path: the read answers "ask the sqlx path"
+    /// (whose connections are open already) and keeps no connection count.
+    #[test]
+    fn a_connection_that_cannot_be_opened_falls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let hot = HotReads::new(dir.path().join("no such dir").join("k.db"));
+        assert!(hot.key_by_digest(&TokenDigest([1; 32])).is_none());
+        assert!(hot.allowed_between("k", 0, 1).is_none());
+        assert_eq!(hot.opened(), 0);
     }
 
     /// A statement that fails for another reason (here: no such table) is an error, and its
