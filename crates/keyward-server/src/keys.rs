@@ -629,7 +629,7 @@ pub async fn patch_key(
         // write this node's pending ones first, so they are among them. (Another node's
         // uses not flushed before the counter's first take, at most one flush interval's,
         // are not counted by it.)
-        state.meter.flush(state.store.as_ref()).await?;
+        state.flush_usage().await?;
     }
     let now = state.now();
     let audit = caller.event(

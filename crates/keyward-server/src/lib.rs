@@ -151,6 +151,17 @@ impl AppState {
         self.clock.now_ms()
     }
 
+    /// Writes this node's pending usage now, in a task of its own, and waits for it. A flush
+    /// dropped halfway loses the counts it took (they are neither pending nor written), so a
+    /// caller that may be dropped, as a request handler is when its client goes away, must not
+    /// run one in its own future: the task finishes the flush whatever happens to the caller.
+    pub async fn flush_usage(&self) -> keyward_store::StoreResult<()> {
+        let state = self.clone();
+        tokio::spawn(async move { state.meter.flush(state.store.as_ref()).await })
+            .await
+            .map_err(|e| keyward_store::StoreError::Internal(format!("usage flush task: {e}")))?
+    }
+
     /// Called after every write that changes what a key may do (or creates one): drops the
     /// verify cache on this node at once.
     pub fn on_key_change(&self) {

@@ -545,35 +545,50 @@ impl Meter {
         let end = period_end(q.period, now);
         // The counter starts from the stored and pending uses under the same lock that reads
         // the pending ones, so no use counted in between is missed.
-        let ungated = self
-            .count_ungated(
+        let result = self
+            .stored_plus_pending(
                 state,
-                store.allowed_between(key.id, start, end),
+                || store.allowed_between(key.id, start, end),
                 |stored, live| {
                     let used = stored + pending_allowed(live, start, end);
                     start_counter(live, key, q, start, end, used, now_ms, &mut alerts)
                 },
             )
             .await?;
-        let result = match ungated {
-            Some(result) => result,
-            None => {
-                let _gate = self.flush_gate.read().await;
-                let stored = store.allowed_between(key.id, start, end).await?;
-                let mut live = state.lock();
-                let used = stored + pending_allowed(&live, start, end);
-                start_counter(&mut live, key, q, start, end, used, now_ms, &mut alerts)
-            }
-        };
         self.push_alerts(alerts);
         result.map(Some).map_err(ApiError::from)
     }
 
-    /// Reads a key's allowed uses in the period that the store has (`read`) without waiting for
-    /// a flush in progress, then hands them to `then` with the key's state locked (to add the
-    /// pending ones); `None` when a flush held or took this key's counts meanwhile (they may be
-    /// in neither place: ask again under `flush_gate`). `read` is not started when a flush holds
-    /// the key's counts already.
+    /// Reads what the store has of a key's counts (`read`), then hands it to `then` with the
+    /// key's state locked, to add the counts still pending here: the sum misses no count and has
+    /// none twice. Every reader of stored plus pending counts goes through here (a quota's first
+    /// use of a period, the quota state and the usage endpoint).
+    ///
+    /// A flush in progress is waited for only when it holds or took this key's counts (see
+    /// [`Meter::count_ungated`]); then the store is read again under `flush_gate`.
+    async fn stored_plus_pending<T, F, R>(
+        &self,
+        state: &KeyState,
+        read: impl Fn() -> F,
+        then: impl FnOnce(T, &mut Live) -> R,
+    ) -> StoreResult<R>
+    where
+        F: std::future::Future<Output = StoreResult<T>>,
+    {
+        if let Some((stored, mut live)) = self.count_ungated(state, read()).await? {
+            return Ok(then(stored, &mut live));
+        }
+        let _gate = self.flush_gate.read().await;
+        let stored = read().await?;
+        let mut live = state.lock();
+        Ok(then(stored, &mut live))
+    }
+
+    /// Reads what the store has of a key's counts (`read`) without waiting for a flush in
+    /// progress, and answers it with the key's state locked (to add the pending ones); `None`
+    /// when a flush held or took this key's counts meanwhile (they may be in neither place: ask
+    /// again under `flush_gate`). `read` is not started when a flush holds the key's counts
+    /// already.
     ///
     /// Why: a flush holds the gate while it writes every used key's counts (tens of
     /// milliseconds with thousands of keys), and a key's first use of a period read its count
@@ -584,12 +599,11 @@ impl Meter {
     /// (a flush ends only once its write is committed or the counts are put back, so the read
     /// sees that write) and none took them before the read ended (`taken_by` is unchanged: a
     /// whole flush may take, write and end while the read runs).
-    async fn count_ungated<R>(
+    async fn count_ungated<'s, T>(
         &self,
-        state: &KeyState,
-        read: impl std::future::Future<Output = StoreResult<u64>>,
-        then: impl FnOnce(u64, &mut Live) -> R,
-    ) -> StoreResult<Option<R>> {
+        state: &'s KeyState,
+        read: impl std::future::Future<Output = StoreResult<T>>,
+    ) -> StoreResult<Option<(T, MutexGuard<'s, Live>)>> {
         let before = {
             let live = state.lock();
             if live.taken_by != 0 && live.taken_by == self.flushing.load(Ordering::SeqCst) {
@@ -598,13 +612,13 @@ impl Meter {
             live.taken_by
         };
         let stored = read.await?;
-        let mut live = state.lock();
+        let live = state.lock();
         // Unchanged, it is not the flush in progress either: flush numbers only grow (they
         // would wrap after four billion flushes, over a century at one a second).
         if live.taken_by != before {
             return Ok(None);
         }
-        Ok(Some(then(stored, &mut live)))
+        Ok(Some((stored, live)))
     }
 
     /// Takes the unit in a store shared by several nodes; the node whose take crosses a
@@ -672,14 +686,16 @@ impl Meter {
         let in_memory = state
             .as_ref()
             .and_then(|s| s.quota_used(q.period, now.timestamp_millis()));
-        let used = match in_memory {
-            Some(u) => u,
-            None => {
-                let _gate = self.flush_gate.read().await;
-                store.allowed_between(key.id, start, end).await?
-                    + state
-                        .map(|s| pending_allowed(&s.lock(), start, end))
-                        .unwrap_or(0)
+        let read = || store.allowed_between(key.id, start, end);
+        let used = match (in_memory, state) {
+            (Some(u), _) => u,
+            // No state here: nothing is pending, and no flush holds a use made before the read.
+            (None, None) => read().await?,
+            (None, Some(s)) => {
+                self.stored_plus_pending(&s, read, |stored, live| {
+                    stored + pending_allowed(live, start, end)
+                })
+                .await?
             }
         };
         Ok(Some(QuotaUse {
@@ -689,33 +705,33 @@ impl Meter {
         }))
     }
 
-    /// Holds flushes off while a reader adds stored and pending counts (see `flush_gate`).
-    pub async fn read_gate(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
-        self.flush_gate.read().await
-    }
-
-    /// The counts of a key not yet flushed, by hour.
-    pub fn pending_hours(&self, key_id: Uuid) -> Vec<UsageBucket> {
+    /// A key's counts by hour from `since` to `until`: the store's buckets, then the ones still
+    /// pending here (an hour may be in both; the caller adds them up).
+    pub async fn usage_hours(
+        &self,
+        store: &dyn Store,
+        key_id: Uuid,
+        since: Timestamp,
+        until: Timestamp,
+    ) -> StoreResult<Vec<UsageBucket>> {
+        let read = || store.usage_hours(key_id, since, until);
         let Some(state) = self.find(key_id) else {
-            return Vec::new();
+            // No state here: nothing is pending, and no flush holds a use made before the read.
+            return read().await;
         };
-        let live = state.lock();
-        std::iter::once((live.hour_ms, live.counts))
-            .chain(live.earlier().iter().copied())
-            .filter(|(_, c)| !c.is_empty())
-            .filter_map(|(h, c)| {
-                Some(UsageBucket {
-                    start: chrono::DateTime::from_timestamp_millis(h)?,
-                    allowed: c.allowed,
-                    denied: c.denied,
-                    rate_limited: c.rate_limited,
-                })
-            })
-            .collect()
+        self.stored_plus_pending(&state, read, |mut stored, live| {
+            stored.extend(pending_hours(live));
+            stored
+        })
+        .await
     }
 
     /// Writes everything pending to the store. On failure the counts are put back to be retried
     /// with the next flush, so a store outage delays counts rather than losing them.
+    ///
+    /// Not cancel-safe: dropped while it writes, it loses the counts it took. Only the flusher
+    /// task and shutdown run it directly; anything that may be dropped uses
+    /// [`crate::AppState::flush_usage`].
     pub async fn flush(&self, store: &dyn Store) -> StoreResult<()> {
         let _gate = self.flush_gate.write().await;
         let queued = std::mem::take(&mut *lock(&self.dirty));
@@ -802,6 +818,21 @@ impl Meter {
 }
 
 /// Uses counted in a state and not yet flushed, within [start, end).
+/// The counts of a state not yet flushed, by hour.
+fn pending_hours(live: &Live) -> impl Iterator<Item = UsageBucket> + '_ {
+    std::iter::once((live.hour_ms, live.counts))
+        .chain(live.earlier().iter().copied())
+        .filter(|(_, c)| !c.is_empty())
+        .filter_map(|(h, c)| {
+            Some(UsageBucket {
+                start: chrono::DateTime::from_timestamp_millis(h)?,
+                allowed: c.allowed,
+                denied: c.denied,
+                rate_limited: c.rate_limited,
+            })
+        })
+}
+
 fn pending_allowed(live: &Live, start: Timestamp, end: Timestamp) -> u64 {
     let (s, e) = (start.timestamp_millis(), end.timestamp_millis());
     std::iter::once((live.hour_ms, live.counts))
@@ -1007,7 +1038,7 @@ mod tests {
         let queued = std::mem::take(&mut *lock(&meter.dirty));
         let _taken = take_counts(&queued, meter.begin_flush());
         let read = async { panic!("the store was read") };
-        let counted = meter.count_ungated(&state, read, |_, _| ()).await.unwrap();
+        let counted = meter.count_ungated::<()>(&state, read).await.unwrap();
         assert!(counted.is_none());
     }
 
@@ -1023,16 +1054,15 @@ mod tests {
             meter.end_flush();
             Ok(0)
         };
-        let counted = meter.count_ungated(&state, read, |_, _| ()).await.unwrap();
+        let counted = meter.count_ungated(&state, read).await.unwrap();
         assert!(counted.is_none());
         // With nothing moving, the count is trusted and handed over with the pending uses.
         meter.record(&state, Use::Allowed, conformance::now().timestamp_millis());
         let counted = meter
-            .count_ungated(&state, async { Ok(5) }, |stored, live| {
-                stored + live.counts.allowed
-            })
+            .count_ungated(&state, async { Ok(5) })
             .await
-            .unwrap();
+            .unwrap()
+            .map(|(stored, live)| stored + live.counts.allowed);
         assert_eq!(counted, Some(6));
     }
 
@@ -1053,13 +1083,97 @@ mod tests {
         assert!(not_held(&meter, &state).await, "put back, not held");
     }
 
+    /// The usage endpoint's read, with a flush of other keys in progress: it does not wait, and
+    /// it adds the store's counts and the pending ones (a key with no state here has none).
+    #[tokio::test]
+    async fn usage_is_read_without_waiting_for_a_flush_of_other_keys() {
+        let (_dir, store, key, meter, state) = metered_key().await;
+        let now = conformance::now();
+        let now_ms = now.timestamp_millis();
+        meter.record(&state, Use::Allowed, now_ms);
+        meter.flush(store.as_ref()).await.unwrap();
+        meter.record(&state, Use::Allowed, now_ms);
+        meter.record(&state, Use::Denied, now_ms);
+        let (since, until) = (
+            now - chrono::Duration::hours(2),
+            now + chrono::Duration::hours(1),
+        );
+        let _flush_in_progress = meter.flush_gate.write().await;
+        let read = |key_id| {
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                meter.usage_hours(store.as_ref(), key_id, since, until),
+            )
+        };
+        let hours = read(key.id)
+            .await
+            .expect("the usage read waited for a flush that did not hold its key's counts")
+            .unwrap();
+        let sum = |f: fn(&UsageBucket) -> u64| hours.iter().map(f).sum::<u64>();
+        assert_eq!((sum(|h| h.allowed), sum(|h| h.denied)), (2, 1), "{hours:?}");
+        let quota = tokio::time::timeout(
+            Duration::from_secs(30),
+            meter.quota_state(store.as_ref(), &key, now),
+        )
+        .await
+        .expect("the quota read waited for a flush that did not hold its key's counts")
+        .unwrap()
+        .unwrap();
+        assert_eq!(quota.used, 2);
+        let unseen = read(Uuid::now_v7())
+            .await
+            .expect("no state, no wait")
+            .unwrap();
+        assert!(unseen.is_empty());
+    }
+
+    /// The usage endpoint's read of a key whose counts a flush holds: they are neither pending
+    /// nor stored, so it waits for the flush and then counts them once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn usage_of_a_key_a_flush_holds_waits_for_it_and_counts_its_uses_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, key) = store_and_key(&dir).await;
+        let meter = Arc::new(Meter::default());
+        let state = meter.state(key.id, key.org_id);
+        let now = conformance::now();
+        for _ in 0..3 {
+            meter.record(&state, Use::Allowed, now.timestamp_millis());
+        }
+        let gate = meter.flush_gate.write().await;
+        let queued = std::mem::take(&mut *lock(&meter.dirty));
+        let taken = take_counts(&queued, meter.begin_flush());
+        let reader = {
+            let (meter, store) = (meter.clone(), store.clone());
+            let (since, until) = (
+                now - chrono::Duration::hours(2),
+                now + chrono::Duration::hours(1),
+            );
+            tokio::spawn(async move {
+                let hours = meter
+                    .usage_hours(store.as_ref(), key.id, since, until)
+                    .await;
+                hours.map(|h| h.iter().map(|h| h.allowed).sum::<u64>())
+            })
+        };
+        // The reader cannot finish while the flush holds the key's counts. (One that did not
+        // wait would have answered 0 well within this: a local read takes a millisecond.)
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !reader.is_finished(),
+            "answered while the counts were in flight"
+        );
+        store
+            .record_usage(&deltas_of(&taken), &[], &[])
+            .await
+            .unwrap();
+        meter.end_flush();
+        drop(gate);
+        assert_eq!(reader.await.unwrap().unwrap(), 3);
+    }
+
     /// Whether a first use may count this state without the gate.
     async fn not_held(meter: &Meter, state: &KeyState) -> bool {
         let read = async { Ok(0) };
-        meter
-            .count_ungated(state, read, |_, _| ())
-            .await
-            .unwrap()
-            .is_some()
+        meter.count_ungated(state, read).await.unwrap().is_some()
     }
 }

@@ -94,13 +94,12 @@ pub async fn usage(
         );
         t += step;
     }
-    // Stored and pending counts are read with no flush in between, so nothing in flight is
-    // missed or counted twice.
-    let gate = state.meter.read_gate().await;
-    let stored = state.store.usage_hours(key.id, first, until).await?;
-    let pending = state.meter.pending_hours(key.id);
-    drop(gate);
-    for h in stored.into_iter().chain(pending) {
+    // Stored and pending counts, so that nothing in flight is missed or counted twice.
+    let hours = state
+        .meter
+        .usage_hours(state.store.as_ref(), key.id, first, until)
+        .await?;
+    for h in hours {
         if h.start < first || h.start >= until {
             continue;
         }

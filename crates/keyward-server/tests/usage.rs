@@ -482,3 +482,60 @@ async fn me_shows_its_own_request_as_the_keys_last_use() {
     // And the key's record agrees once the use is flushed.
     flushed(&s, &kid).await;
 }
+
+/// A flush run for a request (a quota changed on a shared store) is not lost when the request
+/// is: dropped after its first poll, as hyper drops a handler whose client went away, the flush
+/// still writes the counts it took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_flush_whose_caller_goes_away_still_writes_its_counts() {
+    use keyward_core::clock::ManualClock;
+    use keyward_store::sqlite::SqliteStore;
+    use keyward_store::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("k.db")).await.unwrap());
+    let clock = Arc::new(ManualClock::new(common::t0()));
+    let (org, token) = keyward_server::bootstrap::create_org(store.as_ref(), clock.as_ref(), "o")
+        .await
+        .unwrap();
+    let digest = keyward_core::token::TokenDigest::of(token.expose());
+    let key = store
+        .find_key_by_digest(&digest)
+        .await
+        .unwrap()
+        .unwrap()
+        .key;
+    let state = keyward_server::AppState::new(
+        keyward_server::ServerConfig {
+            trusted_proxies: Vec::new(),
+            master_key: keyward_server::MasterKey::from_bytes([42u8; 32]),
+            clock: clock.clone(),
+            cache: Default::default(),
+            usage_flush_interval: std::time::Duration::from_secs(3600),
+            failed_auth_limit: None,
+            rate_limit_backend: keyward_server::RateLimitBackend::Local,
+        },
+        store.clone(),
+    );
+    let live = state.meter.state(key.id, org.id);
+    for _ in 0..3 {
+        state
+            .meter
+            .record(&live, keyward_server::usage::Use::Allowed, clock.now_ms());
+    }
+    let mut flush = Box::pin(state.flush_usage());
+    std::future::poll_fn(|cx| {
+        let _ = std::future::Future::poll(flush.as_mut(), cx);
+        std::task::Poll::Ready(())
+    })
+    .await;
+    drop(flush);
+    let (since, until) = (
+        clock.now() - Duration::hours(1),
+        clock.now() + Duration::hours(1),
+    );
+    eventually("the dropped flush's counts are written", || async {
+        let hours = store.usage_hours(key.id, since, until).await.unwrap();
+        hours.iter().map(|h| h.allowed).sum::<u64>() == 3
+    })
+    .await;
+}
