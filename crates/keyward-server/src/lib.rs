@@ -156,8 +156,9 @@ impl AppState {
     /// caller that may be dropped, as a request handler is when its client goes away, must not
     /// run one in its own future: the task finishes the flush whatever happens to the caller.
     pub async fn flush_usage(&self) -> keyward_store::StoreResult<()> {
+        use tracing::Instrument;
         let state = self.clone();
-        tokio::spawn(async move { state.meter.flush(state.store.as_ref()).await })
+        tokio::spawn(async move { state.meter.flush(state.store.as_ref()).await }.in_current_span())
             .await
             .map_err(|e| keyward_store::StoreError::Internal(format!("usage flush task: {e}")))?
     }
@@ -297,7 +298,7 @@ pub async fn serve(
     ops::prometheus();
     let state = AppState::new(config, store);
     let (stop_flusher, stopped) = tokio::sync::watch::channel(false);
-    let flusher = tokio::spawn(flush_usage(state.clone(), stopped));
+    let flusher = tokio::spawn(usage_flusher(state.clone(), stopped));
     let watcher = tokio::spawn(coherence::run(state.clone()));
     let make = MakeFront {
         router: app(state.clone()),
@@ -329,7 +330,7 @@ pub async fn serve(
 
 /// Writes usage and aggregated decisions to the store every `usage_flush_interval`, and forgets
 /// throttle state that has refilled; `/metrics` shows the lag since the last successful flush.
-async fn flush_usage(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn usage_flusher(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(state.config.usage_flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_ok = std::time::Instant::now();

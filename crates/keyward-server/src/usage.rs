@@ -359,9 +359,10 @@ pub struct Meter {
     alerts: Mutex<Vec<ThresholdAlert>>,
     /// Held for writing by a flush from the moment it takes the pending counts until the store
     /// has them (or they are put back); readers that add pending counts to stored ones hold it
-    /// for reading, so counts in flight are never missing from (nor doubled in) their sum. The
-    /// one exception is a quota's first use of a period, which holds it only when a flush held
-    /// or took its key's counts (see [`Meter::count_ungated`]).
+    /// for reading, so counts in flight are never missing from (nor doubled in) their sum. They
+    /// all go through [`Meter::stored_plus_pending`] (a quota's first use of a period, the
+    /// quota state, the usage endpoint), which holds it only when a flush held or took the
+    /// key's counts (see [`Meter::count_ungated`]).
     flush_gate: tokio::sync::RwLock<()>,
     /// The number of the flush in progress, 0 when none is: a flush lets go of every state it
     /// took by setting this back to 0, one store instead of a second pass over the states.
@@ -705,8 +706,9 @@ impl Meter {
         }))
     }
 
-    /// A key's counts by hour from `since` to `until`: the store's buckets, then the ones still
-    /// pending here (an hour may be in both; the caller adds them up).
+    /// A key's counts by hour: the store's buckets from `since` to `until`, then every one still
+    /// pending here, whatever its hour (an hour may be in both; the caller adds them up and
+    /// keeps its range).
     pub async fn usage_hours(
         &self,
         store: &dyn Store,
@@ -719,11 +721,15 @@ impl Meter {
             // No state here: nothing is pending, and no flush holds a use made before the read.
             return read().await;
         };
-        self.stored_plus_pending(&state, read, |mut stored, live| {
-            stored.extend(pending_hours(live));
-            stored
-        })
-        .await
+        // The pending buckets are copied under the key's lock (which verifications take too),
+        // and joined to the stored ones after it.
+        let (mut stored, pending) = self
+            .stored_plus_pending(&state, read, |stored, live| {
+                (stored, pending_hours(live).collect::<Vec<_>>())
+            })
+            .await?;
+        stored.extend(pending);
+        Ok(stored)
     }
 
     /// Writes everything pending to the store. On failure the counts are put back to be retried
@@ -817,7 +823,6 @@ impl Meter {
     }
 }
 
-/// Uses counted in a state and not yet flushed, within [start, end).
 /// The counts of a state not yet flushed, by hour.
 fn pending_hours(live: &Live) -> impl Iterator<Item = UsageBucket> + '_ {
     std::iter::once((live.hour_ms, live.counts))
@@ -833,6 +838,7 @@ fn pending_hours(live: &Live) -> impl Iterator<Item = UsageBucket> + '_ {
         })
 }
 
+/// Uses counted in a state and not yet flushed, within [start, end).
 fn pending_allowed(live: &Live, start: Timestamp, end: Timestamp) -> u64 {
     let (s, e) = (start.timestamp_millis(), end.timestamp_millis());
     std::iter::once((live.hour_ms, live.counts))
@@ -1169,6 +1175,76 @@ mod tests {
         meter.end_flush();
         drop(gate);
         assert_eq!(reader.await.unwrap().unwrap(), 3);
+    }
+
+    /// The rule every reader of stored plus pending counts goes through, without timing: while
+    /// a flush holds the key's counts the store is not read at all; once the flush has written
+    /// them, the read under the gate finds them there (and no longer pending).
+    #[tokio::test]
+    async fn stored_plus_pending_reads_a_held_key_only_after_its_flush() {
+        use std::sync::atomic::AtomicU64;
+        let meter = Meter::default();
+        let state = used_once(&meter);
+        let (reads, stored) = (AtomicU64::new(0), AtomicU64::new(0));
+        let gate = meter.flush_gate.write().await;
+        let queued = std::mem::take(&mut *lock(&meter.dirty));
+        let taken = take_counts(&queued, meter.begin_flush());
+        let mut sum = Box::pin(meter.stored_plus_pending(
+            &state,
+            || async {
+                reads.fetch_add(1, Ordering::SeqCst);
+                Ok(stored.load(Ordering::SeqCst))
+            },
+            |stored, live| stored + live.counts.allowed,
+        ));
+        let first = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(sum.as_mut(), cx))
+        })
+        .await;
+        assert!(
+            first.is_pending(),
+            "answered while the flush held the counts"
+        );
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            0,
+            "read while the counts were in flight"
+        );
+        // The flush writes what it took and ends.
+        stored.store(
+            deltas_of(&taken).iter().map(|d| d.allowed).sum(),
+            Ordering::SeqCst,
+        );
+        meter.end_flush();
+        drop(gate);
+        assert_eq!(sum.await.unwrap(), 1);
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+    }
+
+    /// A key whose state was forgotten (nothing pending, nothing holding it) is read from the
+    /// store alone, with every use it had.
+    #[tokio::test]
+    async fn usage_of_a_key_with_no_state_here_is_the_stores() {
+        let (_dir, store, key, meter, state) = metered_key().await;
+        let now = conformance::now();
+        for _ in 0..2 {
+            meter.record(&state, Use::Allowed, now.timestamp_millis());
+        }
+        meter.flush(store.as_ref()).await.unwrap();
+        drop(state);
+        meter.prune(now.timestamp_millis());
+        assert!(meter.find(key.id).is_none(), "the state was forgotten");
+        let (since, until) = (
+            now - chrono::Duration::hours(2),
+            now + chrono::Duration::hours(1),
+        );
+        let hours = meter
+            .usage_hours(store.as_ref(), key.id, since, until)
+            .await
+            .unwrap();
+        assert_eq!(hours.iter().map(|h| h.allowed).sum::<u64>(), 2);
+        let quota = meter.quota_state(store.as_ref(), &key, now).await.unwrap();
+        assert_eq!(quota.map(|q| q.used), Some(2));
     }
 
     /// Whether a first use may count this state without the gate.

@@ -522,6 +522,9 @@ async fn a_usage_flush_whose_caller_goes_away_still_writes_its_counts() {
             .meter
             .record(&live, keyward_server::usage::Use::Allowed, clock.now_ms());
     }
+    // This catches a flush run in the caller's own future only while the SQLite store's write
+    // is asynchronous (sqlx): the first poll takes the counts and then waits for the write. A
+    // store whose write completed within one poll would pass either way.
     let mut flush = Box::pin(state.flush_usage());
     std::future::poll_fn(|cx| {
         let _ = std::future::Future::poll(flush.as_mut(), cx);
