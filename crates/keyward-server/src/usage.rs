@@ -585,6 +585,27 @@ impl Meter {
         Ok(then(stored, &mut live))
     }
 
+    /// [`Meter::stored_plus_pending`] for a key that may have no state here (`None`): then
+    /// nothing is pending, and no flush holds a use made before the read (a state with counts
+    /// pending or in flight is never pruned), so the store's answer is the whole sum.
+    async fn stored_plus_pending_if<T, F, R>(
+        &self,
+        state: Option<&KeyState>,
+        read: impl Fn() -> F,
+        then: impl FnOnce(T, Option<&mut Live>) -> R,
+    ) -> StoreResult<R>
+    where
+        F: std::future::Future<Output = StoreResult<T>>,
+    {
+        match state {
+            None => Ok(then(read().await?, None)),
+            Some(s) => {
+                self.stored_plus_pending(s, read, |t, live| then(t, Some(live)))
+                    .await
+            }
+        }
+    }
+
     /// Reads what the store has of a key's counts (`read`) without waiting for a flush in
     /// progress, and answers it with the key's state locked (to add the pending ones); `None`
     /// when a flush held or took this key's counts meanwhile (they may be in neither place: ask
@@ -687,15 +708,14 @@ impl Meter {
         let in_memory = state
             .as_ref()
             .and_then(|s| s.quota_used(q.period, now.timestamp_millis()));
-        let read = || store.allowed_between(key.id, start, end);
-        let used = match (in_memory, state) {
-            (Some(u), _) => u,
-            // No state here: nothing is pending, and no flush holds a use made before the read.
-            (None, None) => read().await?,
-            (None, Some(s)) => {
-                self.stored_plus_pending(&s, read, |stored, live| {
-                    stored + pending_allowed(live, start, end)
-                })
+        let used = match in_memory {
+            Some(u) => u,
+            None => {
+                self.stored_plus_pending_if(
+                    state.as_deref(),
+                    || store.allowed_between(key.id, start, end),
+                    |stored, live| stored + live.map_or(0, |l| pending_allowed(l, start, end)),
+                )
                 .await?
             }
         };
@@ -716,18 +736,16 @@ impl Meter {
         since: Timestamp,
         until: Timestamp,
     ) -> StoreResult<Vec<UsageBucket>> {
-        let read = || store.usage_hours(key_id, since, until);
-        let Some(state) = self.find(key_id) else {
-            // No state here: nothing is pending, and no flush holds a use made before the read.
-            return read().await;
-        };
         // The pending buckets are copied under the key's lock (which verifications take too),
         // and joined to the stored ones after it.
         let (mut stored, pending) = self
-            .stored_plus_pending(&state, read, |stored, live| {
-                (stored, pending_hours(live).collect::<Vec<_>>())
-            })
+            .stored_plus_pending_if(
+                self.find(key_id).as_deref(),
+                || store.usage_hours(key_id, since, until),
+                |stored, live| (stored, live.map(|l| pending_hours(l).collect::<Vec<_>>())),
+            )
             .await?;
+        let pending = pending.unwrap_or_default();
         stored.extend(pending);
         Ok(stored)
     }
@@ -970,6 +988,25 @@ mod tests {
         (dir, store, key, meter, state)
     }
 
+    /// A flush's first steps on `meter`: its gate held, and the counts of every queued state
+    /// taken (in neither memory nor the store until the caller writes `deltas` and ends it).
+    async fn flush_begun(
+        meter: &Meter,
+    ) -> (tokio::sync::RwLockWriteGuard<'_, ()>, Vec<UsageDelta>) {
+        let gate = meter.flush_gate.write().await;
+        let queued = std::mem::take(&mut *lock(&meter.dirty));
+        let deltas = deltas_of(&take_counts(&queued, meter.begin_flush()));
+        (gate, deltas)
+    }
+
+    /// Polls `f` once, as the runtime would first poll it.
+    async fn poll_once<F: std::future::Future + Unpin>(f: &mut F) -> std::task::Poll<F::Output> {
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(std::pin::Pin::new(&mut *f), cx))
+        })
+        .await
+    }
+
     /// A flush in progress holds the gate while it writes the keys it took. A key it did not
     /// take reads its count without waiting for it (before, every first use of a period that met
     /// a flush waited for all of it).
@@ -991,41 +1028,28 @@ mod tests {
     }
 
     /// A flush that took this key's counts and has not written them yet: they are neither
-    /// pending nor stored, so the first use waits for the flush and then counts them.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    /// pending nor stored, so the first use waits for the flush and then counts them. Without
+    /// timing: SQLite's read of the count is synchronous (`hot`), so a first use that did not
+    /// wait would answer (1 use) on its first poll.
+    #[tokio::test]
     async fn a_first_use_waits_for_a_flush_holding_its_keys_counts_and_counts_them() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, key) = store_and_key(&dir).await;
-        let meter = Arc::new(Meter::default());
-        let state = meter.state(key.id, key.org_id);
+        let (_dir, store, key, meter, state) = metered_key().await;
         let now_ms = conformance::now().timestamp_millis();
         // Three uses made before the key had its quota (counted, but no quota counter).
         for _ in 0..3 {
             meter.record(&state, Use::Allowed, now_ms);
         }
-        // A flush's first steps: the gate, then the counts taken.
-        let gate = meter.flush_gate.write().await;
-        let queued = std::mem::take(&mut *lock(&meter.dirty));
-        let taken = take_counts(&queued, meter.begin_flush());
-        let first_use = {
-            let (meter, store, state, key) =
-                (meter.clone(), store.clone(), state.clone(), key.clone());
-            tokio::spawn(async move {
-                meter
-                    .take_quota(store.as_ref(), &state, &key, now_ms)
-                    .await
-                    .map(|q| q.map(|q| q.used))
-            })
-        };
-        // Time for a first use that did not wait to read the store before the write below
-        // (with one that waits, as it must, this only delays the test).
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let deltas = deltas_of(&taken);
+        let (gate, deltas) = flush_begun(&meter).await;
+        let mut first_use = Box::pin(meter.take_quota(store.as_ref(), &state, &key, now_ms));
+        assert!(
+            poll_once(&mut first_use).await.is_pending(),
+            "answered while the counts were in flight"
+        );
         assert_eq!(deltas.iter().map(|d| d.allowed).sum::<u64>(), 3);
         store.record_usage(&deltas, &[], &[]).await.unwrap();
         meter.end_flush();
         drop(gate);
-        let used = first_use.await.unwrap().unwrap();
+        let used = first_use.await.unwrap().map(|q| q.used);
         assert_eq!(used, Some(4), "the three uses the flush held, and this one");
     }
 
@@ -1041,8 +1065,7 @@ mod tests {
     async fn a_key_a_flush_holds_is_not_read_without_the_gate() {
         let meter = Meter::default();
         let state = used_once(&meter);
-        let queued = std::mem::take(&mut *lock(&meter.dirty));
-        let _taken = take_counts(&queued, meter.begin_flush());
+        let _flush = flush_begun(&meter).await;
         let read = async { panic!("the store was read") };
         let counted = meter.count_ungated::<()>(&state, read).await.unwrap();
         assert!(counted.is_none());
@@ -1145,9 +1168,7 @@ mod tests {
         for _ in 0..3 {
             meter.record(&state, Use::Allowed, now.timestamp_millis());
         }
-        let gate = meter.flush_gate.write().await;
-        let queued = std::mem::take(&mut *lock(&meter.dirty));
-        let taken = take_counts(&queued, meter.begin_flush());
+        let (gate, deltas) = flush_begun(&meter).await;
         let reader = {
             let (meter, store) = (meter.clone(), store.clone());
             let (since, until) = (
@@ -1168,10 +1189,7 @@ mod tests {
             !reader.is_finished(),
             "answered while the counts were in flight"
         );
-        store
-            .record_usage(&deltas_of(&taken), &[], &[])
-            .await
-            .unwrap();
+        store.record_usage(&deltas, &[], &[]).await.unwrap();
         meter.end_flush();
         drop(gate);
         assert_eq!(reader.await.unwrap().unwrap(), 3);
@@ -1186,9 +1204,7 @@ mod tests {
         let meter = Meter::default();
         let state = used_once(&meter);
         let (reads, stored) = (AtomicU64::new(0), AtomicU64::new(0));
-        let gate = meter.flush_gate.write().await;
-        let queued = std::mem::take(&mut *lock(&meter.dirty));
-        let taken = take_counts(&queued, meter.begin_flush());
+        let (gate, deltas) = flush_begun(&meter).await;
         let mut sum = Box::pin(meter.stored_plus_pending(
             &state,
             || async {
@@ -1197,12 +1213,8 @@ mod tests {
             },
             |stored, live| stored + live.counts.allowed,
         ));
-        let first = std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(std::future::Future::poll(sum.as_mut(), cx))
-        })
-        .await;
         assert!(
-            first.is_pending(),
+            poll_once(&mut sum).await.is_pending(),
             "answered while the flush held the counts"
         );
         assert_eq!(
@@ -1211,10 +1223,7 @@ mod tests {
             "read while the counts were in flight"
         );
         // The flush writes what it took and ends.
-        stored.store(
-            deltas_of(&taken).iter().map(|d| d.allowed).sum(),
-            Ordering::SeqCst,
-        );
+        stored.store(deltas.iter().map(|d| d.allowed).sum(), Ordering::SeqCst);
         meter.end_flush();
         drop(gate);
         assert_eq!(sum.await.unwrap(), 1);
