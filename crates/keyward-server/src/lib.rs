@@ -300,6 +300,7 @@ pub async fn serve(
     let (stop_flusher, stopped) = tokio::sync::watch::channel(false);
     let flusher = tokio::spawn(usage_flusher(state.clone(), stopped));
     let watcher = tokio::spawn(coherence::run(state.clone()));
+    let upkeep = tokio::spawn(ops::metrics_upkeep(ops::METRICS_UPKEEP_INTERVAL));
     let make = MakeFront {
         router: app(state.clone()),
         state: state.clone(),
@@ -320,6 +321,7 @@ pub async fn serve(
         flusher_abort.abort();
     }
     watcher.abort();
+    upkeep.abort();
     // The last counts of a graceful shutdown are written before the process goes.
     if let Err(e) = state.meter.flush(state.store.as_ref()).await {
         tracing::error!(error = %e, "final usage flush failed");

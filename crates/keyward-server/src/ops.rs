@@ -79,6 +79,29 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
+/// How often a server folds the histogram samples recorded since the last time into their
+/// buckets (the exporter's own default for the same chore).
+pub const METRICS_UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds the histogram samples recorded since the last upkeep or scrape into their buckets.
+/// The recorder keeps every sample until one of the two happens (a recorder built with
+/// `build_recorder`, as this one is, gets no upkeep task of its own), so without this a server
+/// that nobody scrapes grew by every request's sample: 394 MiB of RSS after one `keyward-load`
+/// run at 10,000 keys, against tens of MiB with it.
+pub fn upkeep() {
+    prometheus().run_upkeep();
+}
+
+/// Runs [`upkeep`] every `period` (the first at once), until the task is aborted.
+pub async fn metrics_upkeep(period: std::time::Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        upkeep();
+    }
+}
+
 /// `GET /metrics`: Prometheus text.
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, content_type = "text/plain")))]
 pub async fn metrics() -> Response {
