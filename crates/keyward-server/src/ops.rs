@@ -120,18 +120,40 @@ struct RouteHandles {
     duration: metrics::Histogram,
 }
 
-type RouteTable = RwLock<FxHashMap<String, FxHashMap<(Method, u16), RouteHandles>>>;
+type RouteTable = RwLock<FxHashMap<String, FxHashMap<(&'static str, u16), RouteHandles>>>;
+
+/// A request's method as a metrics label: the standard methods by name, any other as `_OTHER`
+/// (as OpenTelemetry's HTTP conventions name it). The client picks the method, and every
+/// distinct label is a series kept for the life of the process: labelled as sent, extension
+/// methods (`FOO1`, `FOO2`, ...) let anyone, without a key, grow the server's memory and
+/// `/metrics` without bound. Routes are templates and statuses three digits, so they are
+/// bounded already.
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "_OTHER",
+    }
+}
 
 /// Handles by route template, then (method, status): looking a labelled series up in the
 /// registry hashes and allocates its labels, which every request would otherwise pay.
 fn route_handles(route: &str, method: &Method, status: u16) -> RouteHandles {
     static TABLE: OnceLock<RouteTable> = OnceLock::new();
     let table = TABLE.get_or_init(Default::default);
+    let method = method_label(method);
     if let Some(h) = table
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .get(route)
-        .and_then(|m| m.get(&(method.clone(), status)))
+        .and_then(|m| m.get(&(method, status)))
     {
         return h.clone();
     }
@@ -149,7 +171,7 @@ fn route_handles(route: &str, method: &Method, status: u16) -> RouteHandles {
         .unwrap_or_else(|e| e.into_inner())
         .entry(route.to_string())
         .or_default()
-        .insert((method.clone(), status), h.clone());
+        .insert((method, status), h.clone());
     h
 }
 

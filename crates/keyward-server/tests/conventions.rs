@@ -603,6 +603,47 @@ async fn metrics_is_prometheus_text_counting_http_requests() {
     );
 }
 
+/// A client picks the method, so request metrics label any method beyond the standard ones
+/// `_OTHER`: one series per extension method would let anyone grow the server's memory and
+/// `/metrics` without bound.
+#[tokio::test]
+async fn metrics_label_methods_a_client_invents_as_other() {
+    let s = TestServer::start().await;
+    // Through the router (an unknown path) and through the front door (a known one).
+    let paths = ["/no-such-route", "/healthz", "/v1/keys/verify"];
+    for i in 0..20 {
+        let m = Method::from_bytes(format!("KWMETHOD{i}").as_bytes()).unwrap();
+        for path in paths {
+            let r = raw(&s, m.clone(), path, &[], None).await;
+            assert!(r.status == 404 || r.status == 405, "{path}: {}", r.status);
+        }
+    }
+    let (_, _, body) = text(&s, "/metrics").await;
+    assert!(!body.contains("KWMETHOD"), "{body}");
+    for route in ["unmatched", "/healthz", "/v1/keys/verify"] {
+        let counted: u64 = body
+            .lines()
+            .filter(|l| {
+                l.starts_with("keyward_http_requests_total{")
+                    && l.contains("method=\"_OTHER\"")
+                    && l.contains(&format!("route=\"{route}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert!(counted >= 20, "{route}: {counted} in {body}");
+    }
+    // The standard methods keep their names.
+    s.get(&s.org_path(""), &s.root_key).await.assert_status(200);
+    let (_, _, body) = text(&s, "/metrics").await;
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("keyward_http_requests_total{")
+                && l.contains("method=\"GET\"")
+                && l.contains("/v1/orgs/{org_id}")),
+        "{body}"
+    );
+}
+
 /// The (method, path) pairs of every `/v1` route the router declares in lib.rs.
 fn router_v1_routes() -> Vec<(String, String)> {
     let src = include_str!("../src/lib.rs");
