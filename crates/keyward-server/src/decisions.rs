@@ -10,7 +10,9 @@
 //! Failures with no known key (unknown or malformed tokens) have no org to be recorded in; they
 //! are counted in `keyward_auth_failures_total` by code.
 
-use rustc_hash::FxHashMap as HashMap;
+// std's keyed SipHash, not FxHash: a group's key includes the client's address, which an
+// IPv6 client chooses 64 bits of (see `limiter::Limiter`). Denials only: not the hot path.
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
