@@ -412,6 +412,59 @@ type Loaded = Result<Option<Arc<Prepared>>, (String, bool)>;
 /// One store read in flight.
 type Inflight = tokio::sync::OnceCell<Loaded>;
 
+/// Store reads in flight, by digest and the generation they started in.
+type InflightMap = Mutex<rustc_hash::FxHashMap<(TokenDigest, u64), Arc<Inflight>>>;
+
+/// A request's part in a store read in flight. Dropped when the request is done with the read,
+/// or when the request itself is dropped midway (its client went away while the store was being
+/// read): the read's entry then leaves the map once the read has finished, or once nobody else
+/// waits for it. Without the second case, every abandoned read of a distinct token left its
+/// entry behind for good.
+struct Joined<'a> {
+    inflight: &'a InflightMap,
+    at: (TokenDigest, u64),
+    /// `None` only while being dropped.
+    cell: Option<Arc<Inflight>>,
+}
+
+impl<'a> Joined<'a> {
+    /// Joins the read of `at`, starting one when none is in flight.
+    fn join(inflight: &'a InflightMap, at: (TokenDigest, u64)) -> Joined<'a> {
+        let cell = inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(at)
+            .or_default()
+            .clone();
+        Joined {
+            inflight,
+            at,
+            cell: Some(cell),
+        }
+    }
+
+    fn cell(&self) -> &Inflight {
+        // Set from `join` until `drop`.
+        self.cell.as_deref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for Joined<'_> {
+    fn drop(&mut self) {
+        let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(cell) = self.cell.take() else { return };
+        let (ours, done) = (Arc::as_ptr(&cell), cell.initialized());
+        // Released under the lock, as every holder's is (and every new holder's clone is taken
+        // under it): the last holder to leave sees a count of one, the map's.
+        drop(cell);
+        if g.get(&self.at)
+            .is_some_and(|c| Arc::as_ptr(c) == ours && (done || Arc::strong_count(c) == 1))
+        {
+            g.remove(&self.at);
+        }
+    }
+}
+
 /// The cache itself.
 pub struct VerifyCache {
     found: Map<Arc<Prepared>>,
@@ -425,7 +478,7 @@ pub struct VerifyCache {
     pub coherence: crate::coherence::Coherence,
     /// Store reads in flight, by digest and the generation they started in: a request that
     /// arrives after an invalidation never joins a read that started before it.
-    inflight: Mutex<rustc_hash::FxHashMap<(TokenDigest, u64), Arc<Inflight>>>,
+    inflight: InflightMap,
     /// Scope and agent-name texts shared by the snapshots.
     texts: Texts,
 }
@@ -545,11 +598,9 @@ impl VerifyCache {
         }
         stats().add(Hot::CacheMiss);
         // Coalesce: the first request for this digest reads the store; the others wait for it.
-        let cell = {
-            let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            g.entry((digest, generation)).or_default().clone()
-        };
-        let loaded = cell
+        let joined = Joined::join(&self.inflight, (digest, generation));
+        let loaded = joined
+            .cell()
             .get_or_init(|| async {
                 let r = match store.find_key_by_digest(&digest).await {
                     Ok(found) => Ok(prepare(
@@ -578,14 +629,8 @@ impl VerifyCache {
             })
             .await
             .clone();
-        {
-            let mut g = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            if g.get(&(digest, generation))
-                .is_some_and(|c| Arc::ptr_eq(c, &cell))
-            {
-                g.remove(&(digest, generation));
-            }
-        }
+        // The read is done: its entry goes, and a later request starts a read of its own.
+        drop(joined);
         let answer = match loaded {
             Ok(v) => v,
             Err((msg, true)) => return Err(StoreError::Unavailable(msg)),
@@ -652,6 +697,67 @@ impl VerifyCache {
 
 #[cfg(test)]
 mod tests {
+    use super::{InflightMap, Joined, Loaded};
+    use keyward_core::token::TokenDigest;
+
+    fn at(n: u8) -> (TokenDigest, u64) {
+        (TokenDigest([n; 32]), 0)
+    }
+
+    fn entries(m: &InflightMap) -> usize {
+        m.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// A finished read leaves the map with its first reader, whoever else still holds it.
+    #[test]
+    fn a_finished_read_leaves_the_map() {
+        let m = InflightMap::default();
+        let (a, b) = (Joined::join(&m, at(1)), Joined::join(&m, at(1)));
+        assert_eq!(entries(&m), 1, "one read for both");
+        let _ = a.cell().set(Ok(None));
+        drop(a);
+        assert_eq!(entries(&m), 0);
+        drop(b);
+        assert_eq!(entries(&m), 0);
+    }
+
+    /// A read abandoned midway stays while someone still waits for it (that one carries it on)
+    /// and goes with the last.
+    #[test]
+    fn an_abandoned_read_leaves_the_map_with_the_last_that_waited() {
+        let m = InflightMap::default();
+        let (a, b) = (Joined::join(&m, at(1)), Joined::join(&m, at(1)));
+        let other = Joined::join(&m, at(2));
+        drop(a);
+        assert_eq!(entries(&m), 2);
+        drop(b);
+        assert_eq!(entries(&m), 1, "only the other digest's read is left");
+        drop(other);
+        assert_eq!(entries(&m), 0);
+    }
+
+    /// The case the guard is for: a request dropped while its store read is pending, as when
+    /// its client disconnects, one distinct token after another.
+    #[tokio::test(start_paused = true)]
+    async fn requests_dropped_mid_read_leave_nothing_behind() {
+        let m = InflightMap::default();
+        for n in 0..100u8 {
+            let request = async {
+                let joined = Joined::join(&m, at(n));
+                let pending: Loaded = joined
+                    .cell()
+                    .get_or_init(std::future::pending::<Loaded>)
+                    .await
+                    .clone();
+                drop(joined);
+                pending
+            };
+            let dropped = tokio::time::timeout(std::time::Duration::from_millis(1), request).await;
+            assert!(dropped.is_err(), "the read never answers");
+        }
+        assert_eq!(entries(&m), 0);
+    }
+
     /// A million keys are held as a million snapshots and states: their sizes, with the 16 bytes
     /// of an `Arc`'s counts, are kept within mimalloc's 512- and 128-byte size classes (the next
     /// classes up are 640 and 160 bytes).
