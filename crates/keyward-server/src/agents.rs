@@ -178,15 +178,18 @@ pub async fn create(
             json!({ "kind": "agent", "agent_id": agent.id, "start": minted.key.start }),
         ),
     ];
-    match state
-        .store
-        .create_agent(&agent, &minted.key, &events, record.as_ref())
-        .await
-    {
-        Ok(()) => {
-            state.on_key_change();
-            Ok((StatusCode::CREATED, Json(resp)).into_response())
-        }
+    let written = {
+        let (agent, key) = (agent.clone(), minted.key.clone());
+        state
+            .key_write(move |store| async move {
+                store
+                    .create_agent(&agent, &key, &events, record.as_ref())
+                    .await
+            })
+            .await
+    };
+    match written {
+        Ok(()) => Ok((StatusCode::CREATED, Json(resp)).into_response()),
         Err(StoreError::IdempotencyKeyTaken) => match &claim {
             Some(c) => idempotency::replay_after_race(&state, c).await,
             None => Err(ApiError::internal("idempotency conflict without a claim")),
@@ -312,15 +315,16 @@ where
             agent_id,
             json!({ "changed": changed }),
         );
-        match state
-            .store
-            .update_agent(&next, current.version, &audit)
-            .await
-        {
-            Ok(()) => {
-                state.on_key_change();
-                return Ok(next);
-            }
+        let written = {
+            let (updated, version) = (next.clone(), current.version);
+            state
+                .key_write(move |store| async move {
+                    store.update_agent(&updated, version, &audit).await
+                })
+                .await
+        };
+        match written {
+            Ok(()) => return Ok(next),
             Err(StoreError::Conflict) => continue,
             Err(StoreError::NotFound) => return Err(ApiError::new(ErrorCode::AgentNotFound)),
             Err(e) => return Err(e.into()),

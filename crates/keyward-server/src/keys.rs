@@ -229,15 +229,14 @@ async fn insert_minted(
             minted.key.agent_id,
         )
     });
-    match state
-        .store
-        .insert_key(&minted.key, &audit, record.as_ref())
-        .await
-    {
-        Ok(()) => {
-            state.on_key_change();
-            Ok(created(&resp))
-        }
+    let key = minted.key.clone();
+    let written = state
+        .key_write(
+            move |store| async move { store.insert_key(&key, &audit, record.as_ref()).await },
+        )
+        .await;
+    match written {
+        Ok(()) => Ok(created(&resp)),
         Err(StoreError::IdempotencyKeyTaken) => match &claim {
             Some(c) => idempotency::replay_after_race(state, c).await,
             None => Err(ApiError::internal("idempotency conflict without a claim")),
@@ -356,12 +355,11 @@ async fn set_deprecated(
         "key.undeprecate"
     };
     let audit = caller.event(now, action, "key", key.id, json!({}));
+    let updated = key.clone();
     state
-        .store
-        .update_key(&key, &audit)
+        .key_write(move |store| async move { store.update_key(&updated, &audit).await })
         .await
         .map_err(not_found_as_key)?;
-    state.on_key_change();
     Ok(Json(render::key(&key)))
 }
 
@@ -417,13 +415,12 @@ async fn revoke(
     // The cascade list is only known inside the transaction; the event records the request and
     // the store's answer below records how many keys went with it.
     let audit = caller.event(now, "key.revoke", "key", key.id, json!({ "force": force }));
+    let id = key.id;
     let revoked = state
-        .store
-        .revoke_key(key.id, now, force, &audit)
+        .key_write(move |store| async move { store.revoke_key(id, now, force, &audit).await })
         .await
         .map_err(not_found_as_key)?;
     tracing::info!(key_id = %key.id, cascaded = revoked.cascaded.len(), "key revoked");
-    state.on_key_change();
     Ok(Json(render::key(&revoked.key)))
 }
 
@@ -639,12 +636,11 @@ pub async fn patch_key(
         key.id,
         json!({ "changed": changed }),
     );
+    let updated = key.clone();
     state
-        .store
-        .update_key(&key, &audit)
+        .key_write(move |store| async move { store.update_key(&updated, &audit).await })
         .await
         .map_err(not_found_as_key)?;
-    state.on_key_change();
     Ok(Json(render::key(&key)))
 }
 
@@ -845,15 +841,16 @@ pub async fn rotate(
         old.id,
         json!({ "successor_key_id": minted.key.id, "overlap_days": overlap_days }),
     );
-    match state
-        .store
-        .rotate_key(&old, &minted.key, &audit, record.as_ref())
-        .await
-    {
-        Ok(()) => {
-            state.on_key_change();
-            Ok(created(&resp))
-        }
+    let (previous, key) = (old.clone(), minted.key.clone());
+    let written = state
+        .key_write(move |store| async move {
+            store
+                .rotate_key(&previous, &key, &audit, record.as_ref())
+                .await
+        })
+        .await;
+    match written {
+        Ok(()) => Ok(created(&resp)),
         Err(StoreError::IdempotencyKeyTaken) => match &claim {
             Some(c) => idempotency::replay_after_race(&state, c).await,
             None => Err(ApiError::internal("idempotency conflict without a claim")),

@@ -163,8 +163,37 @@ impl AppState {
             .map_err(|e| keyward_store::StoreError::Internal(format!("usage flush task: {e}")))?
     }
 
+    /// Runs a store write that changes what a key may do (or creates one) in a task of its own,
+    /// then drops the verify cache, and waits for both. A request handler is dropped when its
+    /// client goes away, and the store may commit a write after the future that asked for it is
+    /// gone (SQLite's worker thread finishes a commit it was handed): run in the handler's own
+    /// future, a revocation could commit and never reach `on_key_change`, and the revoked key
+    /// would be answered from the cache until its snapshot expired.
+    pub async fn key_write<T, F, Fut>(&self, write: F) -> keyward_store::StoreResult<T>
+    where
+        F: FnOnce(Arc<dyn Store>) -> Fut,
+        Fut: Future<Output = keyward_store::StoreResult<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        use tracing::Instrument;
+        let state = self.clone();
+        let written = write(self.store.clone());
+        tokio::spawn(
+            async move {
+                let r = written.await;
+                if r.is_ok() {
+                    state.on_key_change();
+                }
+                r
+            }
+            .in_current_span(),
+        )
+        .await
+        .map_err(|e| keyward_store::StoreError::Internal(format!("key write task: {e}")))?
+    }
+
     /// Called after every write that changes what a key may do (or creates one): drops the
-    /// verify cache on this node at once.
+    /// verify cache on this node at once. Handlers reach it through [`AppState::key_write`].
     pub fn on_key_change(&self) {
         metrics::counter!("keyward_key_changes_total").increment(1);
         self.cache.invalidate_all();

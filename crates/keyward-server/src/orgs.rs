@@ -57,7 +57,9 @@ pub async fn patch_org(
     }
     let now = state.now();
     let audit = caller.event(now, "org.update", "org", org.id, json!({}));
-    state.store.update_org(&org, &audit).await?;
-    state.on_key_change();
+    let updated = org.clone();
+    state
+        .key_write(move |store| async move { store.update_org(&updated, &audit).await })
+        .await?;
     Ok(Json(render::org(&org)))
 }

@@ -1448,3 +1448,96 @@ async fn revoking_the_orgs_last_root_key_is_409_last_active_key() {
     .assert_error(409, "LAST_ACTIVE_KEY");
     s.get(&s.org_path(""), second_api).await.assert_status(200);
 }
+
+/// A revocation whose request is dropped while the store is writing (its client went away)
+/// still drops the verify cache once the write lands: `AppState::key_write` runs the write and
+/// the invalidation in a task of their own. In the handler's own future, a write the store
+/// finished after the future was gone never reached the invalidation, and the revoked key was
+/// answered from the cache until its snapshot expired.
+#[tokio::test]
+async fn a_revocation_whose_caller_goes_away_still_drops_the_cached_key() {
+    use keyward_core::clock::ManualClock;
+    use keyward_core::model::{AuditEvent, Outcome, TraceContext};
+    use keyward_store::sqlite::SqliteStore;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("k.db")).await.unwrap());
+    let clock = Arc::new(ManualClock::new(t0()));
+    let (org, token) = keyward_server::bootstrap::create_org(store.as_ref(), clock.as_ref(), "o")
+        .await
+        .unwrap();
+    let state = keyward_server::AppState::new(
+        keyward_server::ServerConfig {
+            trusted_proxies: Vec::new(),
+            master_key: keyward_server::MasterKey::from_bytes([42u8; 32]),
+            clock: clock.clone(),
+            cache: Default::default(),
+            usage_flush_interval: std::time::Duration::from_secs(3600),
+            failed_auth_limit: None,
+            rate_limit_backend: keyward_server::RateLimitBackend::Local,
+        },
+        store.clone(),
+    );
+    let cached = || async {
+        state
+            .cache
+            .lookup(
+                state.store.as_ref(),
+                &state.meter,
+                token.expose(),
+                clock.now_ms(),
+            )
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let key = cached().await.key.clone();
+    assert!(key.revoked_at.is_none());
+
+    let audit = AuditEvent {
+        id: uuid::Uuid::now_v7(),
+        org_id: org.id,
+        occurred_at: clock.now(),
+        action: "key.revoke".into(),
+        outcome: Outcome::Success,
+        error_code: None,
+        actor_key_id: None,
+        actor_agent_id: None,
+        target_type: None,
+        target_id: None,
+        client_ip: None,
+        request_id: None,
+        trace: TraceContext::default(),
+        details: json!({}),
+    };
+    let (go, gate) = tokio::sync::oneshot::channel::<()>();
+    let (landed, written) = tokio::sync::oneshot::channel::<()>();
+    let now = clock.now();
+    let mut request = Box::pin(state.key_write(move |store| async move {
+        let _ = gate.await;
+        let r = store.revoke_key(key.id, now, true, &audit).await;
+        let _ = landed.send(());
+        r
+    }));
+    // The request starts its write and is dropped before the store has answered.
+    std::future::poll_fn(|cx| {
+        let _ = std::future::Future::poll(request.as_mut(), cx);
+        std::task::Poll::Ready(())
+    })
+    .await;
+    drop(request);
+    assert!(
+        cached().await.key.revoked_at.is_none(),
+        "not revoked yet: the snapshot is still the one cached"
+    );
+
+    go.send(()).unwrap();
+    written.await.unwrap();
+    // On this single-threaded runtime the write's task ran on from the store's answer to the
+    // invalidation before this test was polled again.
+    assert!(
+        cached().await.key.revoked_at.is_some(),
+        "the revocation dropped the cached snapshot"
+    );
+}
