@@ -321,19 +321,51 @@ pub struct MeResponse {
 #[serde(deny_unknown_fields)]
 pub struct VerifyRequestFacts {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 32)]
     pub method: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 4096)]
     pub path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 256)]
     pub provider_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 256)]
     pub resource_kind: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 256)]
     pub app_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ip: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 256)]
     pub environment: Option<String>,
+}
+
+impl VerifyRequestFacts {
+    /// The longest each text fact may be, by field name (the `request.` prefix omitted). A
+    /// failed verification keeps its method and path in the audit log, so they are bounded
+    /// like every other input rather than by the body limit alone.
+    pub const MAX_LENGTHS: [(&'static str, usize); 6] = [
+        ("method", 32),
+        ("path", 4096),
+        ("provider_id", 256),
+        ("resource_kind", 256),
+        ("app_id", 256),
+        ("environment", 256),
+    ];
+
+    /// The text facts, in the order of [`VerifyRequestFacts::MAX_LENGTHS`].
+    pub fn texts(&self) -> [Option<&str>; 6] {
+        [
+            self.method.as_deref(),
+            self.path.as_deref(),
+            self.provider_id.as_deref(),
+            self.resource_kind.as_deref(),
+            self.app_id.as_deref(),
+            self.environment.as_deref(),
+        ]
+    }
 }
 
 /// The signature of the request being verified.

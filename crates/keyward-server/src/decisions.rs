@@ -24,6 +24,25 @@ use uuid::Uuid;
 /// Most distinct groups held between two flushes.
 pub const MAX_GROUPS: usize = 50_000;
 
+/// The most bytes of a request's method or path a group keeps. The count of groups is bounded;
+/// this bounds each one, so what the log holds between flushes is bounded in bytes too (a path
+/// comes from the request line, up to hyper's limit, or from a verify body).
+pub const MAX_DETAIL_BYTES: usize = 512;
+
+/// `s` cut to at most [`MAX_DETAIL_BYTES`] on a character boundary, marked with `…` when cut.
+fn clip(s: Option<String>) -> Option<String> {
+    let mut s = s?;
+    if s.len() > MAX_DETAIL_BYTES {
+        let mut end = MAX_DETAIL_BYTES - '…'.len_utf8();
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    Some(s)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Group {
     org_id: Uuid,
@@ -103,7 +122,7 @@ impl DecisionLog {
             client_ip: d.client_ip.map(|ip| ip.to_string()),
             request_id: d.request_id,
             trace: d.trace,
-            details: json!({ "method": d.method, "path": d.path }),
+            details: json!({ "method": clip(d.method), "path": clip(d.path) }),
         };
         g.insert(
             group,
@@ -142,6 +161,58 @@ impl DecisionLog {
         if let Err(e) = store.append_audit(&events).await {
             metrics::counter!("keyward_audit_dropped_total").increment(events.len() as u64);
             tracing::warn!(error = %e, events = events.len(), "could not write decision audit events");
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_details_are_cut_on_a_character_boundary_and_marked() {
+        assert_eq!(clip(None), None);
+        assert_eq!(clip(Some("/v1/me".into())).as_deref(), Some("/v1/me"));
+        let exact = "a".repeat(MAX_DETAIL_BYTES);
+        assert_eq!(clip(Some(exact.clone())), Some(exact));
+        // Three-byte characters: the cut cannot fall inside one.
+        let long = "€".repeat(100_000);
+        let cut = clip(Some(long)).unwrap();
+        assert!(cut.len() <= MAX_DETAIL_BYTES, "{}", cut.len());
+        assert!(cut.ends_with('…'));
+        assert!(cut.trim_end_matches('…').chars().all(|c| c == '€'));
+    }
+
+    /// What a group keeps of a request is bounded whatever the request sent.
+    #[test]
+    fn a_group_keeps_at_most_max_detail_bytes_of_the_method_and_path() {
+        let (key, _) = Key::mint(
+            Uuid::now_v7(),
+            Some(Uuid::now_v7()),
+            keyward_core::token::TokenKind::Agent,
+            keyward_core::token::Environment::Live,
+            Vec::new(),
+            chrono::Utc::now(),
+        )
+        .unwrap();
+        let log = DecisionLog::default();
+        log.record(Decision {
+            key: &key,
+            action: "key.verify",
+            code: "INSUFFICIENT_SCOPE",
+            client_ip: None,
+            request_id: None,
+            trace: TraceContext::default(),
+            method: Some("M".repeat(1 << 20)),
+            path: Some("/p".repeat(1 << 19)),
+            at: chrono::Utc::now(),
+        });
+        let g = log.pending.lock().unwrap();
+        let kept = &g.values().next().unwrap().first.details;
+        for field in ["method", "path"] {
+            let text = kept[field].as_str().unwrap();
+            assert!(text.len() <= MAX_DETAIL_BYTES, "{field}: {}", text.len());
         }
     }
 }

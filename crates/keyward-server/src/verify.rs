@@ -456,6 +456,17 @@ pub async fn verify_key(
         Some(r) => parse_scopes("required_scopes", r)?,
     };
     let given = body.request.as_ref().unwrap_or(&NO_FACTS);
+    for ((field, max), text) in proto::VerifyRequestFacts::MAX_LENGTHS
+        .iter()
+        .zip(given.texts())
+    {
+        if text.is_some_and(|t| t.chars().count() > *max) {
+            return Err(ApiError::validation(
+                &format!("request.{field}"),
+                format!("must be at most {max} characters"),
+            ));
+        }
+    }
     let client_ip: Option<IpAddr> = given
         .client_ip
         .as_deref()

@@ -207,6 +207,38 @@ async fn a_wildcard_scope_implies_everything_under_it() {
     }
 }
 
+/// Request facts are bounded at the edge: a failed verification keeps its method and path in
+/// the audit log, and nothing a caller sends is kept at the size of the body limit.
+#[tokio::test]
+async fn request_facts_longer_than_their_limits_are_400_validation_error() {
+    let s = TestServer::start().await;
+    let v = verifier(&s).await;
+    let (_, _, target) = s
+        .create_agent("worker", json!({"slack": ["chat:write"]}))
+        .await;
+    for (field, max) in [
+        ("method", 32),
+        ("path", 4096),
+        ("provider_id", 256),
+        ("resource_kind", 256),
+        ("app_id", 256),
+        ("environment", 256),
+    ] {
+        // At the limit (counted in characters, here two bytes each): answered.
+        let at = "é".repeat(max);
+        let b = verify_ok(&s, &v, json!({"key": target, "request": {field: at}})).await;
+        assert!(b["code"].is_string(), "{field}: {b}");
+        let over = "é".repeat(max + 1);
+        let r = verify(&s, &v, json!({"key": target, "request": {field: over}})).await;
+        r.assert_error(400, "VALIDATION_ERROR");
+        let message = r.body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with(&format!("request.{field}:")),
+            "{message}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn malformed_required_scopes_are_400_validation_error() {
     let s = TestServer::start().await;
