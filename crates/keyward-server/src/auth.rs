@@ -639,7 +639,8 @@ where
                 if auth_failure && !meta.throttled {
                     if let Some(g) = state.failed_auth_gcra {
                         let now_ns = now.timestamp_nanos_opt().unwrap_or(i64::MAX);
-                        let d = state.auth_throttle.check(ip, &g, now_ns);
+                        let bucket = crate::limiter::throttle_bucket(ip);
+                        let d = state.auth_throttle.check(bucket, &g, now_ns);
                         if !d.allowed {
                             // Concurrent requests from this address all passed the check before
                             // authenticating, and this failure is over its budget: it is answered
@@ -745,7 +746,8 @@ async fn authenticate(
     // parsed, so guessing keys is slow and costs the server nothing.
     if let Some(g) = state.failed_auth_gcra {
         let now_ns = now_ms.saturating_mul(1_000_000);
-        if let Some(wait_ns) = state.auth_throttle.blocked_for(ip, &g, now_ns) {
+        let bucket = crate::limiter::throttle_bucket(ip);
+        if let Some(wait_ns) = state.auth_throttle.blocked_for(bucket, &g, now_ns) {
             meta.throttled = true;
             return Err(throttled(wait_ns).await);
         }

@@ -78,7 +78,8 @@ pub enum RateLimitBackend {
 }
 
 /// The default failed-auth throttle: 100 failures at once, then 10 per second. Generous for a
-/// misconfigured client, slow enough that guessing keys from one address is pointless.
+/// misconfigured client, slow enough that guessing keys from one address (an IPv6 /64, see
+/// `limiter::throttle_bucket`) is pointless.
 pub const DEFAULT_FAILED_AUTH_LIMIT: keyward_core::model::RateLimitSpec =
     keyward_core::model::RateLimitSpec {
         limit: 600,

@@ -10,6 +10,22 @@ use keyward_core::gcra::{Decision, Gcra};
 
 const SHARDS: usize = 64;
 
+/// The failed-auth throttle's bucket for a client address: an IPv4 address itself (also when
+/// it reaches a dual-stack socket as `::ffff:a.b.c.d`), and an IPv6 address's /64. The /64 is
+/// what one subscriber or host is given (RFC 6177), and its holder picks the low 64 bits at
+/// will: per full address, every one of them would get a fresh budget of failures, and the
+/// throttle would not slow a guesser on IPv6 at all.
+pub fn throttle_bucket(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv6Addr};
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+    }
+}
+
 /// Per-bucket GCRA state, keyed by client IP.
 ///
 /// Hashed with std's keyed SipHash (`RandomState`, a random key per process), not FxHash: the
@@ -81,6 +97,18 @@ impl<K: Hash + Eq + Copy> Limiter<K> {
 mod tests {
     use super::*;
     use std::net::{IpAddr, Ipv6Addr};
+
+    #[test]
+    fn an_ipv6_address_is_throttled_by_its_64_and_an_ipv4_one_by_itself() {
+        let b = |s: &str| throttle_bucket(s.parse().unwrap()).to_string();
+        assert_eq!(b("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(b("2001:db8:1:2::1"), "2001:db8:1:2::");
+        assert_eq!(b("2001:db8:1:3::1"), "2001:db8:1:3::");
+        assert_eq!(b("203.0.113.7"), "203.0.113.7");
+        // An IPv4 client on a dual-stack socket is still its own bucket, not ::/64's.
+        assert_eq!(b("::ffff:203.0.113.7"), "203.0.113.7");
+        assert_eq!(b("::ffff:198.51.100.1"), "198.51.100.1");
+    }
 
     /// Addresses of one /64 that an unkeyed hash would put in one shard still spread over the
     /// shards: where an address lands is not something its sender can work out.

@@ -192,6 +192,49 @@ async fn an_address_that_keeps_failing_is_throttled_then_recovers() {
     }
 }
 
+/// An IPv6 client picks the low 64 bits of its address: its /64 shares one budget, so moving
+/// within it buys no fresh failures; another /64 has its own.
+#[tokio::test]
+async fn addresses_of_one_ipv6_64_share_one_failure_budget() {
+    let s = TestServer::start_configured(|c| {
+        c.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        c.failed_auth_limit = Some(RateLimitSpec {
+            limit: 60,
+            period_s: 60,
+            burst: 3,
+        });
+    })
+    .await;
+    let s = &s;
+    let from = |xff: String| async move {
+        s.send(
+            reqwest::Method::GET,
+            "/v1/me",
+            Some(&never_issued()),
+            &[("X-Forwarded-For", &xff)],
+            None,
+        )
+        .await
+        .code()
+        .to_string()
+    };
+    let mut codes = Vec::new();
+    for i in 1..=5 {
+        codes.push(from(format!("2001:db8:1:2::{i:x}")).await);
+    }
+    assert_eq!(
+        codes,
+        [
+            "INVALID_API_KEY",
+            "INVALID_API_KEY",
+            "INVALID_API_KEY",
+            "RATE_LIMITED",
+            "RATE_LIMITED"
+        ]
+    );
+    assert_eq!(from("2001:db8:1:3::1".into()).await, "INVALID_API_KEY");
+}
+
 #[tokio::test]
 async fn well_formed_unknown_tokens_count_against_the_throttle_too() {
     let s = throttled_server().await;
