@@ -331,6 +331,14 @@ pub async fn serve(
     let flusher = tokio::spawn(usage_flusher(state.clone(), stopped));
     let watcher = tokio::spawn(coherence::run(state.clone()));
     let upkeep = tokio::spawn(ops::metrics_upkeep(ops::METRICS_UPKEEP_INTERVAL));
+    let pruner = tokio::spawn(throttle_pruner(state.clone()));
+    // Stopped in order below when serving ends; aborted if this future is dropped first.
+    let _background = Background(vec![
+        flusher.abort_handle(),
+        watcher.abort_handle(),
+        upkeep.abort_handle(),
+        pruner.abort_handle(),
+    ]);
     let make = MakeFront {
         router: app(state.clone()),
         state: state.clone(),
@@ -352,6 +360,7 @@ pub async fn serve(
     }
     watcher.abort();
     upkeep.abort();
+    pruner.abort();
     // The last counts of a graceful shutdown are written before the process goes.
     if let Err(e) = state.meter.flush(state.store.as_ref()).await {
         tracing::error!(error = %e, "final usage flush failed");
@@ -360,8 +369,34 @@ pub async fn serve(
     served
 }
 
-/// Writes usage and aggregated decisions to the store every `usage_flush_interval`, and forgets
-/// throttle state that has refilled; `/metrics` shows the lag since the last successful flush.
+/// The background tasks of one `serve`, aborted when it is dropped: a caller that stops serving
+/// by dropping the future (a `select!`, an aborted task) would otherwise leave them running,
+/// each holding the server's state and its store, for the life of the process.
+struct Background(Vec<tokio::task::AbortHandle>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Forgets failed-auth throttle state that has refilled, every second. A task of its own, not
+/// a step of the usage flush: while the store hangs a flush does too, and addresses that fail
+/// would pile up in the throttle meanwhile.
+async fn throttle_pruner(state: AppState) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now_ns = state.now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+        state.auth_throttle.prune(now_ns);
+    }
+}
+
+/// Writes usage and aggregated decisions to the store every `usage_flush_interval`;
+/// `/metrics` shows the lag since the last successful flush.
 async fn usage_flusher(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(state.config.usage_flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -378,8 +413,6 @@ async fn usage_flusher(state: AppState, mut stop: tokio::sync::watch::Receiver<b
             Err(e) => tracing::warn!(error = %e, "usage flush failed; will retry"),
         }
         state.decisions.flush(state.store.as_ref()).await;
-        let now_ns = state.now().timestamp_nanos_opt().unwrap_or(i64::MAX);
-        state.auth_throttle.prune(now_ns);
         // Forgetting idle key states walks every state: not every tick.
         if ticks.is_multiple_of(30) {
             state.meter.prune(state.now_ms());

@@ -1,5 +1,6 @@
 //! A first end-to-end check of the harness: the server starts, answers health, and the
 //! bootstrap root key can create an agent whose key works.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 mod common;
 
 use common::TestServer;
@@ -16,4 +17,41 @@ async fn a_fresh_server_creates_an_agent_whose_key_can_call_me() {
     assert_eq!(body["id"], agent["id"]);
     assert_eq!(body["key"]["id"], key["id"]);
     assert_eq!(body["key"]["scopes"], json!(["slack:chat:write"]));
+}
+
+/// A caller that stops serving by dropping `serve`'s future takes the background tasks (usage
+/// flusher, change watch, metrics upkeep, throttle pruner) with it: none is left holding the
+/// server's state, and so its store, once the future is gone.
+#[tokio::test]
+async fn dropping_serve_stops_its_background_tasks() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn keyward_store::Store> = Arc::new(
+        keyward_store::sqlite::SqliteStore::open(&dir.path().join("k.db"))
+            .await
+            .unwrap(),
+    );
+    let config = keyward_server::ServerConfig {
+        trusted_proxies: Vec::new(),
+        master_key: keyward_server::MasterKey::from_bytes([42u8; 32]),
+        clock: Arc::new(keyward_core::clock::ManualClock::new(common::t0())),
+        cache: Default::default(),
+        usage_flush_interval: std::time::Duration::from_secs(1),
+        failed_auth_limit: None,
+        rate_limit_backend: keyward_server::RateLimitBackend::Local,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let serving = keyward_server::serve(config, store.clone(), listener, std::future::pending());
+    // Long enough for every task to have started and taken its clone of the state.
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(200), serving).await;
+    for _ in 0..100 {
+        if Arc::strong_count(&store) == 1 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!(
+        "{} holders of the store remain after serve was dropped",
+        Arc::strong_count(&store) - 1
+    );
 }
