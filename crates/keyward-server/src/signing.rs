@@ -50,6 +50,37 @@ impl ReplayCache {
             }
         }
     }
+
+    /// Forgets a signature recorded by [`ReplayCache::first_use`] whose request did not get to
+    /// use it.
+    fn forget(&self, key_id: &uuid::Uuid, signature: &str) {
+        let id = replay_id(key_id, signature);
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .seen
+            .remove(&id);
+    }
+}
+
+/// A signature this node has recorded for a request still being checked: forgotten again if
+/// the check ends without a use of it, by an error of the shared store's claim or by the
+/// request being dropped while the store was asked (its client went away). Kept, an honest
+/// retry of that request would be refused as a replay for the rest of the window, though no
+/// request ever used the signature.
+struct Recorded<'a> {
+    replay: &'a ReplayCache,
+    key_id: uuid::Uuid,
+    signature: &'a str,
+    used: bool,
+}
+
+impl Drop for Recorded<'_> {
+    fn drop(&mut self) {
+        if !self.used {
+            self.replay.forget(&self.key_id, self.signature);
+        }
+    }
 }
 
 /// What identifies a use of a signature: the key and the signature, hashed.
@@ -107,12 +138,23 @@ pub async fn check(
     if !replay.first_use(&key.id, sig, ts, now_s) {
         return Err(ApiError::new(ErrorCode::SignatureReplayed));
     }
-    if store.is_shared()
-        && !store
+    let mut recorded = Recorded {
+        replay,
+        key_id: key.id,
+        signature: sig,
+        used: false,
+    };
+    if store.is_shared() {
+        let claimed = store
             .claim_signature(&replay_id(&key.id, sig), ts + WINDOW_S, now_s)
-            .await?
-    {
-        return Err(ApiError::new(ErrorCode::SignatureReplayed));
+            .await?;
+        // Claimed here or by another node first: either way the signature has been used.
+        recorded.used = true;
+        if !claimed {
+            return Err(ApiError::new(ErrorCode::SignatureReplayed));
+        }
+    } else {
+        recorded.used = true;
     }
     Ok(())
 }
@@ -131,5 +173,35 @@ mod tests {
         assert!(c.first_use(&uuid::Uuid::now_v7(), "abc", 1000, 1100));
         // Past the window the entry may be forgotten; the timestamp check refuses it anyway.
         assert!(c.first_use(&id, "abc", 1000, 1000 + WINDOW_S + 1));
+    }
+
+    /// A signature recorded for a check that ended without using it (the shared store's claim
+    /// failed, or the request was dropped) is forgotten, so the request may be sent again; one
+    /// that was used stays refused.
+    #[test]
+    fn a_signature_no_request_used_may_be_sent_again() {
+        let c = ReplayCache::default();
+        let id = uuid::Uuid::now_v7();
+        assert!(c.first_use(&id, "abc", 1000, 1000));
+        drop(Recorded {
+            replay: &c,
+            key_id: id,
+            signature: "abc",
+            used: false,
+        });
+        assert!(
+            c.first_use(&id, "abc", 1000, 1001),
+            "forgotten: a retry passes"
+        );
+        drop(Recorded {
+            replay: &c,
+            key_id: id,
+            signature: "abc",
+            used: true,
+        });
+        assert!(
+            !c.first_use(&id, "abc", 1000, 1002),
+            "used: a replay is refused"
+        );
     }
 }
