@@ -193,6 +193,22 @@ impl AppState {
         .map_err(|e| keyward_store::StoreError::Internal(format!("key write task: {e}")))?
     }
 
+    /// Deletes the idempotency records past their 24 hours (never honoured again, API.md §0),
+    /// a batch at a time; how many went. `idempotency_sweeper` runs it every hour.
+    pub async fn sweep_idempotency(&self) -> keyward_store::StoreResult<u64> {
+        /// Records per statement: small enough that the SQLite writer is not held for long.
+        const BATCH: u32 = 1_000;
+        let before = self.now() - chrono::Duration::milliseconds(keyward_store::IDEMPOTENCY_TTL_MS);
+        let mut swept = 0;
+        loop {
+            let n = self.store.prune_idempotency(before, BATCH).await?;
+            swept += n;
+            if n < u64::from(BATCH) {
+                return Ok(swept);
+            }
+        }
+    }
+
     /// Called after every write that changes what a key may do (or creates one): drops the
     /// verify cache on this node at once. Handlers reach it through [`AppState::key_write`].
     pub fn on_key_change(&self) {
@@ -332,12 +348,14 @@ pub async fn serve(
     let watcher = tokio::spawn(coherence::run(state.clone()));
     let upkeep = tokio::spawn(ops::metrics_upkeep(ops::METRICS_UPKEEP_INTERVAL));
     let pruner = tokio::spawn(throttle_pruner(state.clone()));
+    let sweeper = tokio::spawn(idempotency_sweeper(state.clone()));
     // Stopped in order below when serving ends; aborted if this future is dropped first.
     let _background = Background(vec![
         flusher.abort_handle(),
         watcher.abort_handle(),
         upkeep.abort_handle(),
         pruner.abort_handle(),
+        sweeper.abort_handle(),
     ]);
     let make = MakeFront {
         router: app(state.clone()),
@@ -361,6 +379,7 @@ pub async fn serve(
     watcher.abort();
     upkeep.abort();
     pruner.abort();
+    sweeper.abort();
     // The last counts of a graceful shutdown are written before the process goes.
     if let Err(e) = state.meter.flush(state.store.as_ref()).await {
         tracing::error!(error = %e, "final usage flush failed");
@@ -392,6 +411,21 @@ async fn throttle_pruner(state: AppState) {
         tick.tick().await;
         let now_ns = state.now().timestamp_nanos_opt().unwrap_or(i64::MAX);
         state.auth_throttle.prune(now_ns);
+    }
+}
+
+/// Deletes expired idempotency records at start and then every hour: each creating request
+/// with an `Idempotency-Key` leaves one, and nothing else ever removes it.
+async fn idempotency_sweeper(state: AppState) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match state.sweep_idempotency().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(records = n, "expired idempotency records deleted"),
+            Err(e) => tracing::warn!(error = %e, "idempotency sweep failed; will retry"),
+        }
     }
 }
 

@@ -553,3 +553,104 @@ async fn without_an_idempotency_key_identical_requests_create_twice() {
     assert_fresh(&b);
     assert_ne!(a.body["key"]["id"], b.body["key"]["id"]);
 }
+
+/// Records past their 24 hours are deleted by the server's sweep (`AppState::sweep_idempotency`,
+/// run hourly by `serve`); live ones stay and still replay.
+#[tokio::test]
+async fn the_sweep_deletes_records_past_their_24_hours_and_keeps_live_ones() {
+    use keyward_core::clock::{Clock, ManualClock};
+    use keyward_core::model::IdempotencyRecord;
+    use keyward_store::sqlite::SqliteStore;
+    use keyward_store::Store;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqliteStore::open(&dir.path().join("k.db")).await.unwrap());
+    let clock = Arc::new(ManualClock::new(common::t0()));
+    let (org, _) = keyward_server::bootstrap::create_org(store.as_ref(), clock.as_ref(), "o")
+        .await
+        .unwrap();
+    let state = keyward_server::AppState::new(
+        keyward_server::ServerConfig {
+            trusted_proxies: Vec::new(),
+            master_key: keyward_server::MasterKey::from_bytes([42u8; 32]),
+            clock: clock.clone(),
+            cache: Default::default(),
+            usage_flush_interval: std::time::Duration::from_secs(3600),
+            failed_auth_limit: None,
+            rate_limit_backend: keyward_server::RateLimitBackend::Local,
+        },
+        store.clone(),
+    );
+    // 2,500 records (more than one batch) from now, and one an hour later.
+    let record = |key: String| IdempotencyRecord {
+        org_id: org.id,
+        key,
+        request_hash: [7u8; 32],
+        status: 201,
+        response: json!({}),
+        agent_id: None,
+        created_at: clock.now(),
+    };
+    let root = || {
+        keyward_core::model::Key::mint(
+            org.id,
+            None,
+            keyward_core::token::TokenKind::Root,
+            keyward_core::token::Environment::Live,
+            Vec::new(),
+            clock.now(),
+        )
+        .unwrap()
+        .0
+    };
+    let event = |n: usize| keyward_core::model::AuditEvent {
+        id: uuid::Uuid::now_v7(),
+        org_id: org.id,
+        occurred_at: clock.now(),
+        action: format!("key.create.{n}"),
+        outcome: keyward_core::model::Outcome::Success,
+        error_code: None,
+        actor_key_id: None,
+        actor_agent_id: None,
+        target_type: None,
+        target_id: None,
+        client_ip: None,
+        request_id: None,
+        trace: Default::default(),
+        details: json!({}),
+    };
+    for n in 0..2_500 {
+        store
+            .insert_key(&root(), &event(n), Some(&record(format!("old-{n}"))))
+            .await
+            .unwrap();
+    }
+    clock.advance(chrono::Duration::hours(1));
+    store
+        .insert_key(&root(), &event(0), Some(&record("young".into())))
+        .await
+        .unwrap();
+
+    // 24 hours after the first ones: they are still honoured, so nothing goes.
+    clock.advance(chrono::Duration::hours(23));
+    assert_eq!(state.sweep_idempotency().await.unwrap(), 0);
+    clock.advance(chrono::Duration::minutes(1));
+    assert_eq!(state.sweep_idempotency().await.unwrap(), 2_500);
+    assert!(store
+        .get_idempotency(org.id, "old-0")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .get_idempotency(org.id, "old-2499")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .get_idempotency(org.id, "young")
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(state.sweep_idempotency().await.unwrap(), 0);
+}

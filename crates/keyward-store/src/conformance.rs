@@ -1807,6 +1807,73 @@ pub async fn expired_idempotency_record_is_replaced_on_the_next_claim(store: &dy
     );
 }
 
+/// Records past their 24 hours are deleted by the sweep, in batches of at most `limit`; live
+/// ones stay.
+pub async fn expired_idempotency_records_are_pruned_in_batches(store: &dyn Store) {
+    let (o, _) = new_org(store, "idem-prune").await;
+    let t = now();
+    let ttl = Duration::milliseconds(IDEMPOTENCY_TTL_MS);
+    for (i, age) in [
+        ttl + Duration::hours(2),
+        ttl + Duration::hours(1),
+        ttl + Duration::minutes(1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut rec = idempotency(o.id, &format!("stale-{i}"), None);
+        rec.created_at = t - age;
+        add_key_claiming(store, &key(o.id, None, TokenKind::Root), &rec)
+            .await
+            .expect("claim");
+    }
+    let mut live = idempotency(o.id, "live", None);
+    live.created_at = t - ttl + Duration::minutes(1);
+    add_key_claiming(store, &key(o.id, None, TokenKind::Root), &live)
+        .await
+        .expect("claim");
+    let cutoff = t - ttl;
+    // Other checks on a shared store may have old records too: count only this org's.
+    let mut pruned = 0;
+    while pruned < 10_000 {
+        let n = store
+            .prune_idempotency(cutoff, 2)
+            .await
+            .expect("prune_idempotency");
+        assert!(n <= 2, "a batch deletes at most its limit, deleted {n}");
+        pruned += 1;
+        if n < 2 {
+            break;
+        }
+    }
+    for i in 0..3 {
+        assert_eq!(
+            store
+                .get_idempotency(o.id, &format!("stale-{i}"))
+                .await
+                .expect("get_idempotency"),
+            None,
+            "a record past its 24 hours is pruned"
+        );
+    }
+    assert_eq!(
+        store
+            .get_idempotency(o.id, "live")
+            .await
+            .expect("get_idempotency"),
+        Some(live),
+        "a live record stays"
+    );
+    assert_eq!(
+        store
+            .prune_idempotency(cutoff, 100)
+            .await
+            .expect("prune_idempotency"),
+        0,
+        "nothing is left to prune"
+    );
+}
+
 async fn add_key_claiming(store: &dyn Store, k: &Key, rec: &IdempotencyRecord) -> StoreResult<()> {
     store
         .insert_key(k, &event(k.org_id, "key.create"), Some(rec))
@@ -2494,6 +2561,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     concurrent_creates_of_one_agent_name_admit_exactly_one(Arc::clone(&store)).await;
     idempotency_key_is_claimed_once_with_its_state_change(s).await;
     expired_idempotency_record_is_replaced_on_the_next_claim(s).await;
+    expired_idempotency_records_are_pruned_in_batches(s).await;
     concurrent_claims_of_one_idempotency_key_admit_exactly_one(Arc::clone(&store)).await;
     rotate_key_inserts_the_successor_and_deprecates_the_old_key(s).await;
     rotate_key_refuses_a_revoked_old_key(s).await;
@@ -3031,6 +3099,7 @@ macro_rules! conformance_tests {
             last_active_key_guard_protects_the_orgs_last_root_key,
             idempotency_key_is_claimed_once_with_its_state_change,
             expired_idempotency_record_is_replaced_on_the_next_claim,
+            expired_idempotency_records_are_pruned_in_batches,
             rotate_key_inserts_the_successor_and_deprecates_the_old_key,
             rotate_key_refuses_a_revoked_old_key,
             state_changes_write_their_audit_events,

@@ -249,6 +249,11 @@ pub trait Store: Send + Sync + 'static {
         key: &str,
     ) -> StoreResult<Option<IdempotencyRecord>>;
 
+    /// Deletes up to `limit` idempotency records created before `before` (past their 24 hours
+    /// they are never honoured again) and says how many went. A sweep repeats it while it
+    /// deletes `limit`, so no one statement holds the writer for long.
+    async fn prune_idempotency(&self, before: Timestamp, limit: u32) -> StoreResult<u64>;
+
     /// Adds usage counts, moves `last_used_at` forward (never back) and writes the events of
     /// quota thresholds not announced before for their period, all in one transaction.
     async fn record_usage(

@@ -53,6 +53,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "key_last_used",
         include_str!("migrations/0004_key_last_used.sql"),
     ),
+    (
+        5,
+        "idempotency_created",
+        include_str!("migrations/0005_idempotency_created.sql"),
+    ),
 ];
 
 /// How many connections one node keeps: verifications hit the cache, so the store mostly sees
@@ -1198,6 +1203,19 @@ impl Store for PostgresStore {
             .push_bind(page.offset as i64);
         let rows = q.build().fetch_all(&self.pool).await.map_err(map_err)?;
         rows.iter().map(row_to_audit).collect()
+    }
+
+    async fn prune_idempotency(&self, before: Timestamp, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE ctid IN \
+             (SELECT ctid FROM idempotency_keys WHERE created_at < $1 LIMIT $2)",
+        )
+        .bind(ms(before))
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected())
     }
 
     async fn get_idempotency(

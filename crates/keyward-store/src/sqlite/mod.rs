@@ -55,6 +55,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "key_last_used",
         include_str!("migrations/0004_key_last_used.sql"),
     ),
+    (
+        5,
+        "idempotency_created",
+        include_str!("migrations/0005_idempotency_created.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -901,6 +906,19 @@ impl Store for SqliteStore {
             .push_bind(page.offset as i64);
         let rows = q.build().fetch_all(&self.reader).await.map_err(map_err)?;
         rows.iter().map(row_to_audit).collect()
+    }
+
+    async fn prune_idempotency(&self, before: Timestamp, limit: u32) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "DELETE FROM idempotency_keys WHERE rowid IN \
+             (SELECT rowid FROM idempotency_keys WHERE created_at < ? LIMIT ?)",
+        )
+        .bind(ms(before))
+        .bind(i64::from(limit))
+        .execute(&self.writer)
+        .await
+        .map_err(map_err)?;
+        Ok(done.rows_affected())
     }
 
     async fn get_idempotency(
