@@ -34,14 +34,36 @@ fn counted(events: &[Value]) -> u64 {
 
 /// A server whose failed-auth throttle allows 3 failures at once, then one a second.
 async fn throttled_server() -> TestServer {
+    throttled_server_with(|_| {}).await
+}
+
+/// [`throttled_server`] after `configure` adjusted its other settings.
+async fn throttled_server_with(
+    configure: impl FnOnce(&mut keyward_server::ServerConfig),
+) -> TestServer {
     TestServer::start_configured(|c| {
         c.failed_auth_limit = Some(RateLimitSpec {
             limit: 60,
             period_s: 60,
             burst: 3,
         });
+        configure(c);
     })
     .await
+}
+
+/// What `n` failures in a row from one address are answered with at [`throttled_server`]'s
+/// budget: the first three looked up, the rest refused before that.
+fn three_then_throttled(n: usize) -> Vec<&'static str> {
+    (0..n)
+        .map(|i| {
+            if i < 3 {
+                "INVALID_API_KEY"
+            } else {
+                "RATE_LIMITED"
+            }
+        })
+        .collect()
 }
 
 /// A well-formed agent token (valid checksum) that no key has.
@@ -196,15 +218,8 @@ async fn an_address_that_keeps_failing_is_throttled_then_recovers() {
 /// within it buys no fresh failures; another /64 has its own.
 #[tokio::test]
 async fn addresses_of_one_ipv6_64_share_one_failure_budget() {
-    let s = TestServer::start_configured(|c| {
-        c.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
-        c.failed_auth_limit = Some(RateLimitSpec {
-            limit: 60,
-            period_s: 60,
-            burst: 3,
-        });
-    })
-    .await;
+    let s =
+        throttled_server_with(|c| c.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()]).await;
     let s = &s;
     let from = |xff: String| async move {
         s.send(
@@ -222,16 +237,7 @@ async fn addresses_of_one_ipv6_64_share_one_failure_budget() {
     for i in 1..=5 {
         codes.push(from(format!("2001:db8:1:2::{i:x}")).await);
     }
-    assert_eq!(
-        codes,
-        [
-            "INVALID_API_KEY",
-            "INVALID_API_KEY",
-            "INVALID_API_KEY",
-            "RATE_LIMITED",
-            "RATE_LIMITED"
-        ]
-    );
+    assert_eq!(codes, three_then_throttled(5));
     assert_eq!(from("2001:db8:1:3::1".into()).await, "INVALID_API_KEY");
 }
 
@@ -242,17 +248,7 @@ async fn well_formed_unknown_tokens_count_against_the_throttle_too() {
     for _ in 0..6 {
         codes.push(s.get("/v1/me", &never_issued()).await.code().to_string());
     }
-    assert_eq!(
-        codes,
-        [
-            "INVALID_API_KEY",
-            "INVALID_API_KEY",
-            "INVALID_API_KEY",
-            "RATE_LIMITED",
-            "RATE_LIMITED",
-            "RATE_LIMITED"
-        ]
-    );
+    assert_eq!(codes, three_then_throttled(6));
 }
 
 /// The throttle's budget holds however many requests an address has in flight: they all pass

@@ -558,30 +558,17 @@ async fn without_an_idempotency_key_identical_requests_create_twice() {
 /// run hourly by `serve`); live ones stay and still replay.
 #[tokio::test]
 async fn the_sweep_deletes_records_past_their_24_hours_and_keeps_live_ones() {
-    use keyward_core::clock::{Clock, ManualClock};
+    use keyward_core::clock::Clock;
     use keyward_core::model::IdempotencyRecord;
-    use keyward_store::sqlite::SqliteStore;
     use keyward_store::Store;
-    use std::sync::Arc;
 
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("k.db")).await.unwrap());
-    let clock = Arc::new(ManualClock::new(common::t0()));
-    let (org, _) = keyward_server::bootstrap::create_org(store.as_ref(), clock.as_ref(), "o")
-        .await
-        .unwrap();
-    let state = keyward_server::AppState::new(
-        keyward_server::ServerConfig {
-            trusted_proxies: Vec::new(),
-            master_key: keyward_server::MasterKey::from_bytes([42u8; 32]),
-            clock: clock.clone(),
-            cache: Default::default(),
-            usage_flush_interval: std::time::Duration::from_secs(3600),
-            failed_auth_limit: None,
-            rate_limit_backend: keyward_server::RateLimitBackend::Local,
-        },
-        store.clone(),
-    );
+    let common::Bare {
+        state,
+        store,
+        clock,
+        org,
+        ..
+    } = common::Bare::start().await;
     // 2,500 records (more than one batch) from now, and one an hour later.
     let record = |key: String| IdempotencyRecord {
         org_id: org.id,
@@ -604,22 +591,7 @@ async fn the_sweep_deletes_records_past_their_24_hours_and_keeps_live_ones() {
         .unwrap()
         .0
     };
-    let event = |n: usize| keyward_core::model::AuditEvent {
-        id: uuid::Uuid::now_v7(),
-        org_id: org.id,
-        occurred_at: clock.now(),
-        action: format!("key.create.{n}"),
-        outcome: keyward_core::model::Outcome::Success,
-        error_code: None,
-        actor_key_id: None,
-        actor_agent_id: None,
-        target_type: None,
-        target_id: None,
-        client_ip: None,
-        request_id: None,
-        trace: Default::default(),
-        details: json!({}),
-    };
+    let event = |n: usize| keyward_store::conformance::event(org.id, &format!("key.create.{n}"));
     for n in 0..2_500 {
         store
             .insert_key(&root(), &event(n), Some(&record(format!("old-{n}"))))

@@ -1456,29 +1456,13 @@ async fn revoking_the_orgs_last_root_key_is_409_last_active_key() {
 /// answered from the cache until its snapshot expired.
 #[tokio::test]
 async fn a_revocation_whose_caller_goes_away_still_drops_the_cached_key() {
-    use keyward_core::clock::ManualClock;
-    use keyward_core::model::{AuditEvent, Outcome, TraceContext};
-    use keyward_store::sqlite::SqliteStore;
-    use std::sync::Arc;
-
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("k.db")).await.unwrap());
-    let clock = Arc::new(ManualClock::new(t0()));
-    let (org, token) = keyward_server::bootstrap::create_org(store.as_ref(), clock.as_ref(), "o")
-        .await
-        .unwrap();
-    let state = keyward_server::AppState::new(
-        keyward_server::ServerConfig {
-            trusted_proxies: Vec::new(),
-            master_key: keyward_server::MasterKey::from_bytes([42u8; 32]),
-            clock: clock.clone(),
-            cache: Default::default(),
-            usage_flush_interval: std::time::Duration::from_secs(3600),
-            failed_auth_limit: None,
-            rate_limit_backend: keyward_server::RateLimitBackend::Local,
-        },
-        store.clone(),
-    );
+    let common::Bare {
+        state,
+        clock,
+        org,
+        root: token,
+        ..
+    } = common::Bare::start().await;
     let cached = || async {
         state
             .cache
@@ -1495,22 +1479,7 @@ async fn a_revocation_whose_caller_goes_away_still_drops_the_cached_key() {
     let key = cached().await.key.clone();
     assert!(key.revoked_at.is_none());
 
-    let audit = AuditEvent {
-        id: uuid::Uuid::now_v7(),
-        org_id: org.id,
-        occurred_at: clock.now(),
-        action: "key.revoke".into(),
-        outcome: Outcome::Success,
-        error_code: None,
-        actor_key_id: None,
-        actor_agent_id: None,
-        target_type: None,
-        target_id: None,
-        client_ip: None,
-        request_id: None,
-        trace: TraceContext::default(),
-        details: json!({}),
-    };
+    let audit = keyward_store::conformance::event(org.id, "key.revoke");
     let (go, gate) = tokio::sync::oneshot::channel::<()>();
     let (landed, written) = tokio::sync::oneshot::channel::<()>();
     let now = clock.now();

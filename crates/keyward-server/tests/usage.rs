@@ -488,15 +488,15 @@ async fn me_shows_its_own_request_as_the_keys_last_use() {
 /// still writes the counts it took.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_usage_flush_whose_caller_goes_away_still_writes_its_counts() {
-    use keyward_core::clock::ManualClock;
-    use keyward_store::sqlite::SqliteStore;
     use keyward_store::Store;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("k.db")).await.unwrap());
-    let clock = Arc::new(ManualClock::new(common::t0()));
-    let (org, token) = keyward_server::bootstrap::create_org(store.as_ref(), clock.as_ref(), "o")
-        .await
-        .unwrap();
+    let common::Bare {
+        state,
+        store,
+        clock,
+        org,
+        root: token,
+        ..
+    } = common::Bare::start().await;
     let digest = keyward_core::token::TokenDigest::of(token.expose());
     let key = store
         .find_key_by_digest(&digest)
@@ -504,18 +504,6 @@ async fn a_usage_flush_whose_caller_goes_away_still_writes_its_counts() {
         .unwrap()
         .unwrap()
         .key;
-    let state = keyward_server::AppState::new(
-        keyward_server::ServerConfig {
-            trusted_proxies: Vec::new(),
-            master_key: keyward_server::MasterKey::from_bytes([42u8; 32]),
-            clock: clock.clone(),
-            cache: Default::default(),
-            usage_flush_interval: std::time::Duration::from_secs(3600),
-            failed_auth_limit: None,
-            rate_limit_backend: keyward_server::RateLimitBackend::Local,
-        },
-        store.clone(),
-    );
     let live = state.meter.state(key.id, org.id);
     for _ in 0..3 {
         state

@@ -276,3 +276,48 @@ impl Drop for TestServer {
         }
     }
 }
+
+/// The server's state over a fresh SQLite store, without HTTP, for tests that drive
+/// `AppState` directly (a request dropped midway, a background chore run by hand). The usage
+/// flush interval is an hour: nothing runs unless the test runs it.
+pub struct Bare {
+    pub state: keyward_server::AppState,
+    pub store: Arc<SqliteStore>,
+    pub clock: Arc<ManualClock>,
+    pub org: keyward_core::model::Org,
+    /// The org's root key.
+    pub root: keyward_core::secret::Secret,
+    _dir: TempDir,
+}
+
+impl Bare {
+    pub async fn start() -> Bare {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(&dir.path().join("k.db")).await.unwrap());
+        let clock = Arc::new(ManualClock::new(t0()));
+        let (org, root) =
+            keyward_server::bootstrap::create_org(store.as_ref(), clock.as_ref(), "o")
+                .await
+                .unwrap();
+        let state = keyward_server::AppState::new(
+            ServerConfig {
+                trusted_proxies: Vec::new(),
+                master_key: MasterKey::from_bytes([42u8; 32]),
+                clock: clock.clone(),
+                cache: Default::default(),
+                usage_flush_interval: std::time::Duration::from_secs(3600),
+                failed_auth_limit: None,
+                rate_limit_backend: keyward_server::RateLimitBackend::Local,
+            },
+            store.clone(),
+        );
+        Bare {
+            state,
+            store,
+            clock,
+            org,
+            root,
+            _dir: dir,
+        }
+    }
+}
