@@ -1461,6 +1461,7 @@ async fn a_revocation_whose_caller_goes_away_still_drops_the_cached_key() {
         clock,
         org,
         root: token,
+        dir: _dir,
         ..
     } = common::Bare::start().await;
     let cached = || async {

@@ -495,6 +495,7 @@ async fn a_usage_flush_whose_caller_goes_away_still_writes_its_counts() {
         clock,
         org,
         root: token,
+        dir: _dir,
         ..
     } = common::Bare::start().await;
     let digest = keyward_core::token::TokenDigest::of(token.expose());

@@ -287,7 +287,8 @@ pub struct Bare {
     pub org: keyward_core::model::Org,
     /// The org's root key.
     pub root: keyward_core::secret::Secret,
-    _dir: TempDir,
+    /// Holds the store's files: bind it (`dir: _dir`) for as long as the store is used.
+    pub dir: TempDir,
 }
 
 impl Bare {
@@ -317,7 +318,7 @@ impl Bare {
             clock,
             org,
             root,
-            _dir: dir,
+            dir,
         }
     }
 }
