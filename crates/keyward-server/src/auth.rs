@@ -195,7 +195,12 @@ pub fn credential(headers: &HeaderMap) -> Result<&str, ApiError> {
 /// The client address: the TCP peer, unless the peer is a trusted proxy, in which case
 /// `X-Forwarded-For` is read right to left and the first address that is not a trusted proxy
 /// wins. With no trusted proxies the header is ignored, so a client cannot spoof its address.
+///
+/// Addresses are taken canonical: an IPv4 client or proxy reaching a dual-stack (`[::]`)
+/// listener appears as `::ffff:a.b.c.d`, and as that it would match no IPv4 allowlist, no IPv4
+/// trusted proxy, and land in the throttle and the audit log under a name it is not known by.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let peer = peer.to_canonical();
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if trusted.is_empty() || !is_trusted(&peer) {
         return peer;
@@ -204,7 +209,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[ipnet::IpNet]) ->
     for v in headers.get_all(&names::X_FORWARDED_FOR) {
         let Ok(s) = v.to_str() else { return client };
         for part in s.rsplit(',') {
-            match part.trim().parse::<IpAddr>() {
+            match part.trim().parse::<IpAddr>().map(|ip| ip.to_canonical()) {
                 Ok(ip) if is_trusted(&ip) => client = ip,
                 Ok(ip) => return ip,
                 Err(_) => return client,
@@ -895,6 +900,46 @@ pub fn is_agent_credential(key: &Key) -> bool {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// IPv4 peers and forwarded addresses written IPv4-mapped (as a dual-stack listener sees
+    /// IPv4 clients) are read as the IPv4 addresses they are.
+    #[test]
+    fn ipv4_mapped_addresses_are_read_as_ipv4() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let xff = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                names::X_FORWARDED_FOR.clone(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+            h
+        };
+        // An IPv4 client, directly.
+        assert_eq!(
+            client_ip(ip("::ffff:203.0.113.9"), &HeaderMap::new(), &[]),
+            ip("203.0.113.9")
+        );
+        // An IPv4 proxy is recognised as trusted, so its header is read.
+        assert_eq!(
+            client_ip(ip("::ffff:10.1.2.3"), &xff("203.0.113.9"), &trusted),
+            ip("203.0.113.9")
+        );
+        // Mapped addresses in the header: a trusted hop is skipped, the client is IPv4.
+        assert_eq!(
+            client_ip(
+                ip("10.1.2.3"),
+                &xff("::ffff:198.51.100.2, ::ffff:10.9.9.9"),
+                &trusted
+            ),
+            ip("198.51.100.2")
+        );
+        // A real IPv6 address is left alone.
+        assert_eq!(
+            client_ip(ip("2001:db8::1"), &HeaderMap::new(), &[]),
+            ip("2001:db8::1")
+        );
+    }
 
     /// An Authorization value's scheme is what comes before its first space, matched without
     /// regard to case, and the token is the rest, trimmed (`general` says it the plain way).

@@ -130,7 +130,10 @@ async fn stored(state: &AppState, claim: &Claim) -> Result<Option<Response>, Api
         return Ok(None);
     };
     let age_ms = claim.now.timestamp_millis() - rec.created_at.timestamp_millis();
-    if age_ms >= keyward_store::IDEMPOTENCY_TTL_MS {
+    // Honoured through its 24th hour, as the stores count it (they replace, and the sweep
+    // deletes, only records created more than 24 hours ago): with `>=` here, a retry at exactly
+    // 24 hours proceeded as new, collided with the record the store still kept, and failed.
+    if age_ms > keyward_store::IDEMPOTENCY_TTL_MS {
         return Ok(None);
     }
     if !keyward_core::secret::ct_eq(&rec.request_hash, &claim.hash) {

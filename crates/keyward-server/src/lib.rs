@@ -165,7 +165,8 @@ impl AppState {
     }
 
     /// Runs a store write that changes what a key may do (or creates one) in a task of its own,
-    /// then drops the verify cache, and waits for both. A request handler is dropped when its
+    /// then drops the verify cache (whether or not the write reported success), and waits for
+    /// both. A request handler is dropped when its
     /// client goes away, and the store may commit a write after the future that asked for it is
     /// gone (SQLite's worker thread finishes a commit it was handed): run in the handler's own
     /// future, a revocation could commit and never reach `on_key_change`, and the revoked key
@@ -182,9 +183,9 @@ impl AppState {
         tokio::spawn(
             async move {
                 let r = written.await;
-                if r.is_ok() {
-                    state.on_key_change();
-                }
+                // Whatever the answer: a write may have committed though the store reported an
+                // error (a lost commit acknowledgement), and a needless invalidation costs O(1).
+                state.on_key_change();
                 r
             }
             .in_current_span(),

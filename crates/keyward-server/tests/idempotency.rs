@@ -567,6 +567,7 @@ async fn the_sweep_deletes_records_past_their_24_hours_and_keeps_live_ones() {
         store,
         clock,
         org,
+        dir: _dir,
         ..
     } = common::Bare::start().await;
     // 2,500 records (more than one batch) from now, and one an hour later.
@@ -604,7 +605,8 @@ async fn the_sweep_deletes_records_past_their_24_hours_and_keeps_live_ones() {
         .await
         .unwrap();
 
-    // 24 hours after the first ones: they are still honoured, so nothing goes.
+    // 24 hours after the first ones: they are honoured through their 24th hour (the server's
+    // rule and the stores' alike), so nothing goes.
     clock.advance(chrono::Duration::hours(23));
     assert_eq!(state.sweep_idempotency().await.unwrap(), 0);
     clock.advance(chrono::Duration::minutes(1));
