@@ -642,19 +642,15 @@ where
                     }
                 }
                 if auth_failure && !meta.throttled {
-                    if let Some(g) = state.failed_auth_gcra {
-                        let now_ns = now.timestamp_nanos_opt().unwrap_or(i64::MAX);
-                        let bucket = crate::limiter::throttle_bucket(ip);
-                        let d = state.auth_throttle.check(bucket, &g, now_ns);
-                        if !d.allowed {
-                            // Concurrent requests from this address all passed the check before
-                            // authenticating, and this failure is over its budget: it is answered
-                            // as throttled, so no address learns more 401s than its budget allows
-                            // however many requests it has in flight.
-                            // Boxed: rare, and its timer would otherwise sit in every request's
-                            // future (see `front`'s future sizes).
-                            resp = Box::pin(throttled(d.retry_after_ns)).await.into_response();
-                        }
+                    let now_ns = now.timestamp_nanos_opt().unwrap_or(i64::MAX);
+                    if let Some(Err(retry_after_ns)) = state.auth_throttle.fail(ip, now_ns) {
+                        // Concurrent requests from this address all passed the check before
+                        // authenticating, and this failure is over its budget: it is answered
+                        // as throttled, so no address learns more 401s than its budget allows
+                        // however many requests it has in flight.
+                        // Boxed: rare, and its timer would otherwise sit in every request's
+                        // future (see `front`'s future sizes).
+                        resp = Box::pin(throttled(retry_after_ns)).await.into_response();
                     }
                 }
             }
@@ -749,10 +745,9 @@ async fn authenticate(
     let now_ms = state.now_ms();
     // An address that keeps failing to authenticate is refused before its token is even
     // parsed, so guessing keys is slow and costs the server nothing.
-    if let Some(g) = state.failed_auth_gcra {
+    if state.auth_throttle.enabled() {
         let now_ns = now_ms.saturating_mul(1_000_000);
-        let bucket = crate::limiter::throttle_bucket(ip);
-        if let Some(wait_ns) = state.auth_throttle.blocked_for(bucket, &g, now_ns) {
+        if let Some(wait_ns) = state.auth_throttle.blocked_for(ip, now_ns) {
             meta.throttled = true;
             return Err(throttled(wait_ns).await);
         }

@@ -78,8 +78,8 @@ pub enum RateLimitBackend {
 }
 
 /// The default failed-auth throttle: 100 failures at once, then 10 per second. Generous for a
-/// misconfigured client, slow enough that guessing keys from one address (an IPv6 /64, see
-/// `limiter::throttle_bucket`) is pointless.
+/// misconfigured client, slow enough that guessing keys from one address (an IPv6 /64, with
+/// wider budgets over its /56 and /48: see `limiter::AuthThrottle`) is pointless.
 pub const DEFAULT_FAILED_AUTH_LIMIT: keyward_core::model::RateLimitSpec =
     keyward_core::model::RateLimitSpec {
         limit: 600,
@@ -113,10 +113,8 @@ pub struct Shared {
     pub meter: usage::Meter,
     /// Aggregated access decisions (`auth.denied`, failed `key.verify`) not yet written.
     pub decisions: decisions::DecisionLog,
-    /// Failed authentications per client IP.
-    pub auth_throttle: limiter::Limiter<std::net::IpAddr>,
-    /// The failed-auth limit (`config.failed_auth_limit`) as a GCRA, built once.
-    pub failed_auth_gcra: Option<keyward_core::gcra::Gcra>,
+    /// Failed authentications per client address (`config.failed_auth_limit`; off when none).
+    pub auth_throttle: limiter::AuthThrottle,
 }
 
 impl AppState {
@@ -129,7 +127,7 @@ impl AppState {
             .failed_auth_limit
             .and_then(|l| keyward_core::gcra::Gcra::new(l.limit, l.period_s, l.burst));
         AppState(Arc::new(Shared {
-            failed_auth_gcra,
+            auth_throttle: limiter::AuthThrottle::new(failed_auth_gcra),
             store,
             clock: config.clock.clone(),
             cache: cache::VerifyCache::new(config.cache, shared),
@@ -137,7 +135,6 @@ impl AppState {
             replay: signing::ReplayCache::default(),
             meter: usage::Meter::default(),
             decisions: decisions::DecisionLog::default(),
-            auth_throttle: limiter::Limiter::default(),
         }))
     }
 

@@ -26,6 +26,95 @@ pub fn throttle_bucket(ip: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
+/// The failed-auth throttle: one budget per address (an IPv6 client's /64, see
+/// [`throttle_bucket`]) and, for IPv6, larger ones over the /56 and the /48 around it. A site
+/// is usually given a /56 or a /48 (RFC 6177; tunnel brokers hand out /48s for free), so per
+/// /64 alone its holder would still have 256 to 65,536 budgets. The wider budgets are 16 and
+/// 256 times the address's, so the /64s of one network do not starve each other before a
+/// single one of them would have been throttled on its own.
+#[derive(Debug)]
+pub struct AuthThrottle {
+    buckets: Limiter<(std::net::IpAddr, u8)>,
+    /// The budget of one address, then of a /56 and of a /48.
+    budgets: Option<[Gcra; 3]>,
+}
+
+impl AuthThrottle {
+    /// A throttle of `per_address` failures per address (`None`: off).
+    pub fn new(per_address: Option<Gcra>) -> AuthThrottle {
+        let budgets = per_address.map(|g| {
+            let times = |k: u64| Gcra {
+                emission_ns: (g.emission_ns / k).max(1),
+                burst: g.burst.saturating_mul(k),
+                limit: g.limit.saturating_mul(k),
+            };
+            [g, times(16), times(256)]
+        });
+        AuthThrottle {
+            buckets: Limiter::default(),
+            budgets,
+        }
+    }
+
+    /// Whether the throttle is on.
+    pub fn enabled(&self) -> bool {
+        self.budgets.is_some()
+    }
+
+    /// The buckets `ip` counts against, with their budgets.
+    fn of(&self, ip: std::net::IpAddr) -> impl Iterator<Item = ((std::net::IpAddr, u8), &Gcra)> {
+        use std::net::{IpAddr, Ipv6Addr};
+        let address = throttle_bucket(ip);
+        let wider = |bits: u32| match address {
+            IpAddr::V6(v6) => Some(IpAddr::V6(Ipv6Addr::from(
+                u128::from(v6) & (u128::MAX << (128 - bits)),
+            ))),
+            IpAddr::V4(_) => None,
+        };
+        let keys = [
+            Some((address, 0)),
+            wider(56).map(|a| (a, 56)),
+            wider(48).map(|a| (a, 48)),
+        ];
+        self.budgets
+            .iter()
+            .flat_map(move |b| keys.into_iter().zip(b.iter()))
+            .filter_map(|(k, g)| k.map(|k| (k, g)))
+    }
+
+    /// How long `ip` must wait before it may fail again, when any of its budgets is spent
+    /// (nanoseconds; the longest wait). Records nothing.
+    pub fn blocked_for(&self, ip: std::net::IpAddr, now_ns: i64) -> Option<i64> {
+        self.of(ip)
+            .filter_map(|(k, g)| self.buckets.blocked_for(k, g, now_ns))
+            .max()
+    }
+
+    /// Counts one failed authentication from `ip` against each of its budgets; `Err` with the
+    /// wait (nanoseconds) when it is over one of them, and then it counts against none: a
+    /// failure refused by its /64's budget does not also spend its network's. `None` when the
+    /// throttle is off.
+    pub fn fail(&self, ip: std::net::IpAddr, now_ns: i64) -> Option<Result<(), i64>> {
+        self.budgets.as_ref()?;
+        if let Some(wait_ns) = self.blocked_for(ip, now_ns) {
+            return Some(Err(wait_ns));
+        }
+        // All had room a moment ago; one that a concurrent failure filled since refuses now.
+        let refused = self
+            .of(ip)
+            .map(|(k, g)| self.buckets.check(k, g, now_ns))
+            .filter(|d| !d.allowed)
+            .map(|d| d.retry_after_ns)
+            .max();
+        Some(refused.map_or(Ok(()), Err))
+    }
+
+    /// Forgets buckets that are full again.
+    pub fn prune(&self, now_ns: i64) {
+        self.buckets.prune(now_ns);
+    }
+}
+
 /// Per-bucket GCRA state, keyed by client IP.
 ///
 /// Hashed with std's keyed SipHash (`RandomState`, a random key per process), not FxHash: the
@@ -108,6 +197,41 @@ mod tests {
         // An IPv4 client on a dual-stack socket is still its own bucket, not ::/64's.
         assert_eq!(b("::ffff:203.0.113.7"), "203.0.113.7");
         assert_eq!(b("::ffff:198.51.100.1"), "198.51.100.1");
+    }
+
+    /// A network's /64s share a budget 16 times an address's per /56 (and 256 times per /48):
+    /// moving to a fresh /64 of one's /56 buys no fresh failures once the /56's are spent,
+    /// while a /64 of another /56 still has its own.
+    #[test]
+    fn the_64s_of_one_56_share_a_wider_budget() {
+        let throttle = AuthThrottle::new(Gcra::new(60, 60, 3));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let now = 1_000_000_000_000;
+        let refused = |d: Option<Result<(), i64>>| matches!(d, Some(Err(_)));
+        for net in 0..16 {
+            for _ in 0..3 {
+                let d = throttle.fail(ip(&format!("2001:db8:1:{net:x}::1")), now);
+                assert_eq!(d, Some(Ok(())), "the /64 {net:x} has its own three");
+            }
+            let d = throttle.fail(ip(&format!("2001:db8:1:{net:x}::2")), now);
+            assert!(refused(d), "a /64's fourth failure is over its budget");
+        }
+        // 48 failures in the /56 (the refused ones spent nothing): a fresh /64 of it is
+        // refused before it fails once.
+        assert!(throttle.blocked_for(ip("2001:db8:1:10::1"), now).is_some());
+        assert!(refused(throttle.fail(ip("2001:db8:1:10::1"), now)));
+        // Another /56 of the same /48 is not.
+        assert_eq!(throttle.blocked_for(ip("2001:db8:1:100::1"), now), None);
+        assert_eq!(throttle.fail(ip("2001:db8:1:100::1"), now), Some(Ok(())));
+        // IPv4 addresses have one budget each, and the throttle can be off.
+        let v4 = AuthThrottle::new(Gcra::new(60, 60, 1));
+        assert_eq!(v4.fail(ip("203.0.113.1"), now), Some(Ok(())));
+        assert!(refused(v4.fail(ip("203.0.113.1"), now)));
+        assert_eq!(v4.fail(ip("203.0.113.2"), now), Some(Ok(())));
+        let off = AuthThrottle::new(None);
+        assert!(!off.enabled());
+        assert_eq!(off.fail(ip("203.0.113.1"), now), None);
+        assert_eq!(off.blocked_for(ip("203.0.113.1"), now), None);
     }
 
     /// Addresses of one /64 that an unkeyed hash would put in one shard still spread over the
