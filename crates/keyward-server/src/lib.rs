@@ -403,28 +403,39 @@ impl Drop for Background {
 /// a step of the usage flush: while the store hangs a flush does too, and addresses that fail
 /// would pile up in the throttle meanwhile.
 async fn throttle_pruner(state: AppState) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    every(std::time::Duration::from_secs(1), || async {
+        let now_ns = state.now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+        state.auth_throttle.prune(now_ns);
+    })
+    .await
+}
+
+/// Runs `chore` now and then every `period` (a late tick is not caught up on: the next waits a
+/// whole period), until the task is aborted. The background tasks' shared loop.
+pub(crate) async fn every<F, Fut>(period: std::time::Duration, mut chore: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now_ns = state.now().timestamp_nanos_opt().unwrap_or(i64::MAX);
-        state.auth_throttle.prune(now_ns);
+        chore().await;
     }
 }
 
 /// Deletes expired idempotency records at start and then every hour: each creating request
 /// with an `Idempotency-Key` leaves one, and nothing else ever removes it.
 async fn idempotency_sweeper(state: AppState) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
+    every(std::time::Duration::from_secs(3600), || async {
         match state.sweep_idempotency().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(records = n, "expired idempotency records deleted"),
             Err(e) => tracing::warn!(error = %e, "idempotency sweep failed; will retry"),
         }
-    }
+    })
+    .await
 }
 
 /// Writes usage and aggregated decisions to the store every `usage_flush_interval`;

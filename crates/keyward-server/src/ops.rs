@@ -94,12 +94,7 @@ pub fn upkeep() {
 
 /// Runs [`upkeep`] every `period` (the first at once), until the task is aborted.
 pub async fn metrics_upkeep(period: std::time::Duration) {
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        upkeep();
-    }
+    crate::every(period, || async { upkeep() }).await
 }
 
 /// `GET /metrics`: Prometheus text.

@@ -138,23 +138,22 @@ pub async fn check(
     if !replay.first_use(&key.id, sig, ts, now_s) {
         return Err(ApiError::new(ErrorCode::SignatureReplayed));
     }
+    if !store.is_shared() {
+        return Ok(());
+    }
     let mut recorded = Recorded {
         replay,
         key_id: key.id,
         signature: sig,
         used: false,
     };
-    if store.is_shared() {
-        let claimed = store
-            .claim_signature(&replay_id(&key.id, sig), ts + WINDOW_S, now_s)
-            .await?;
-        // Claimed here or by another node first: either way the signature has been used.
-        recorded.used = true;
-        if !claimed {
-            return Err(ApiError::new(ErrorCode::SignatureReplayed));
-        }
-    } else {
-        recorded.used = true;
+    let claimed = store
+        .claim_signature(&replay_id(&key.id, sig), ts + WINDOW_S, now_s)
+        .await?;
+    // Claimed here or by another node first: either way the signature has been used.
+    recorded.used = true;
+    if !claimed {
+        return Err(ApiError::new(ErrorCode::SignatureReplayed));
     }
     Ok(())
 }

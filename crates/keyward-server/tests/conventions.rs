@@ -713,6 +713,11 @@ async fn openapi_json_is_3_1_and_documents_every_v1_route_and_core_schemas() {
     }
     assert!(schemas["Agent"].to_string().contains("parent_agent_id"));
     assert!(schemas["Key"].to_string().contains("successor_key_id"));
+    // The verify request facts' limits are the ones the server enforces.
+    let facts = &schemas["VerifyRequestFacts"]["properties"];
+    for (field, max) in keyward_proto::VerifyRequestFacts::MAX_LENGTHS {
+        assert_eq!(facts[field]["maxLength"], json!(max), "{field}: {facts}");
+    }
 }
 
 #[tokio::test]
