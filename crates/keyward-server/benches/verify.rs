@@ -248,6 +248,21 @@ fn bench(c: &mut Criterion) {
             black_box(map.get(&d).copied())
         })
     });
+    // The failed-auth throttle's check, which every authenticated request makes before its
+    // credential is read: one keyed-hash bucket for an IPv4 address, three for IPv6 (its /64,
+    // /56 and /48). The default budget, with the address never having failed.
+    let throttle =
+        keyward_server::limiter::AuthThrottle::new(keyward_core::gcra::Gcra::new(600, 60, 100));
+    for (name, ip) in [
+        ("part_throttle_check_ipv4", "203.0.113.7"),
+        ("part_throttle_check_ipv6", "2001:db8:1:2::7"),
+    ] {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        let now_ns = SystemClock.now_ms() * 1_000_000;
+        g.bench_function(name, |b| {
+            b.iter(|| black_box(throttle.blocked_for(black_box(ip), now_ns)))
+        });
+    }
     // The parts, to see where the time of the whole goes.
     g.bench_function("part_digest", |b| {
         b.iter(|| black_box(keyward_core::token::TokenDigest::of(black_box(&s.token))))
