@@ -721,6 +721,49 @@ struct Meta {
     throttled: bool,
 }
 
+/// A failed authentication charged to an address whose request is dropped while its token is
+/// being looked up: its client went away while the store was read (a PostgreSQL read of a token
+/// the cache does not know; SQLite's hot read never waits).
+///
+/// Without it a client guessing keys could cut each guess off once it was sent, before its
+/// `401` was decided, and never be charged by the failed-auth throttle: every guess is a token
+/// the cache has not seen, so every one waits on the store. The guess's answer is lost to it,
+/// but a read of every guess still reaches the store. A request whose key is valid but whose
+/// client leaves at that moment is charged too (nothing tells the two apart until the read
+/// returns), one failure of a generous budget.
+struct ChargeIfLeft<'a> {
+    throttle: &'a crate::limiter::AuthThrottle,
+    ip: IpAddr,
+    now_ms: i64,
+    armed: bool,
+}
+
+impl<'a> ChargeIfLeft<'a> {
+    fn arm(state: &'a AppState, ip: IpAddr, now_ms: i64) -> ChargeIfLeft<'a> {
+        ChargeIfLeft {
+            throttle: &state.auth_throttle,
+            ip,
+            now_ms,
+            armed: state.auth_throttle.enabled(),
+        }
+    }
+
+    /// The lookup returned: what it found is judged (and a failure charged) as usual.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ChargeIfLeft<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self
+                .throttle
+                .fail(self.ip, self.now_ms.saturating_mul(1_000_000));
+        }
+    }
+}
+
 /// Whether org and agent rules are waived for this request: a root key changing its own org
 /// (`PATCH /v1/orgs/{org}`), so a rule that denies too much can always be repaired through the
 /// API. The caller's own constraints header still applies.
@@ -754,7 +797,12 @@ async fn authenticate(
     }
     let token = credential(req.headers())?;
     let prepared = match callers {
-        None => lookup(state, token, now_ms).await?,
+        None => {
+            let left = ChargeIfLeft::arm(state, ip, now_ms);
+            let found = lookup(state, token, now_ms).await;
+            left.disarm();
+            found?
+        }
         Some(callers) => {
             let digest = crate::cache::VerifyCache::digest_of(token)
                 .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey))?;
@@ -764,12 +812,13 @@ async fn authenticate(
                     p
                 }
                 None => {
-                    let shared = state
+                    let left = ChargeIfLeft::arm(state, ip, now_ms);
+                    let found = state
                         .cache
                         .lookup_digest(state.store.as_ref(), &state.meter, token, digest, now_ms)
-                        .await?
-                        .ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey))?;
-                    callers.put(shared)
+                        .await;
+                    left.disarm();
+                    callers.put(found?.ok_or_else(|| ApiError::new(ErrorCode::InvalidApiKey))?)
                 }
             }
         }

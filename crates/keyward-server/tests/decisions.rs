@@ -251,6 +251,48 @@ async fn well_formed_unknown_tokens_count_against_the_throttle_too() {
     assert_eq!(codes, three_then_throttled(6));
 }
 
+/// A client that cuts its request off while its unknown token is being read from the store is
+/// still charged a failure: otherwise a guesser could drop every guess once sent and never be
+/// throttled, each guess still reaching the store. PostgreSQL only: there the read can be held
+/// (behind a lock on the keys' table), while SQLite's hot read never waits.
+#[tokio::test]
+async fn a_client_that_leaves_during_the_store_read_is_charged_a_failure() {
+    use sqlx::Connection;
+    let s = throttled_server().await;
+    let Some((url, schema)) = s.postgres() else {
+        eprintln!("skipped: needs KEYWARD_TEST_DATABASE_URL (only a PostgreSQL read can be held)");
+        return;
+    };
+    for _ in 0..2 {
+        s.get("/v1/me", &never_issued())
+            .await
+            .assert_error(401, "INVALID_API_KEY");
+    }
+    let mut lock = sqlx::postgres::PgConnection::connect(url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "SET search_path TO \"{schema}\"; BEGIN; LOCK TABLE keys IN ACCESS EXCLUSIVE MODE;"
+    ))
+    .execute(&mut lock)
+    .await
+    .unwrap();
+    // The third guess waits for the lock; its client gives up and closes the connection.
+    let cut_off = tokio::time::timeout(
+        std::time::Duration::from_millis(300),
+        s.get("/v1/me", &never_issued()),
+    )
+    .await;
+    assert!(cut_off.is_err(), "the read waits behind the lock");
+    // Time for the server to see the connection close and drop the request (were the read to
+    // finish first instead, the failure would be charged the usual way).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.unwrap();
+    lock.close().await.unwrap();
+    // That was the third failure of the budget: the fourth guess is refused.
+    s.get("/v1/me", &never_issued())
+        .await
+        .assert_error(429, "RATE_LIMITED");
+}
+
 /// The throttle's budget holds however many requests an address has in flight: they all pass
 /// the check at the start together, but a failure over the budget is answered as throttled, so
 /// no more 401s are ever answered than the budget allows (the manual clock does not move, so

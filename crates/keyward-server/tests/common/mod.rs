@@ -174,6 +174,13 @@ impl TestServer {
         (org.id.to_string(), key.expose().to_string())
     }
 
+    /// (database URL, schema) when the server runs on PostgreSQL.
+    pub fn postgres(&self) -> Option<(&str, &str)> {
+        self.pg_schema
+            .as_ref()
+            .map(|(url, schema)| (url.as_str(), schema.as_str()))
+    }
+
     /// Moves the server's clock forward.
     pub fn advance(&self, d: Duration) {
         self.clock.advance(d);
