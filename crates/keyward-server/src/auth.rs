@@ -360,7 +360,7 @@ impl RateHeaders {
 /// one whose counter this node has not loaded yet, is taken through the store.
 pub async fn admit(
     state: &AppState,
-    p: &Prepared,
+    p: &Arc<Prepared>,
     now_ms: i64,
 ) -> (Option<RateHeaders>, Result<Option<QuotaUse>, Box<ApiError>>) {
     let remote_rate = p.rate.is_some()
@@ -384,7 +384,7 @@ pub async fn admit(
         Some(a) => a,
         // Boxed: its futures (Redis, the store) would otherwise make every request's future
         // kilobytes larger, and futures are moved by copying.
-        None => Box::pin(admit_through_store(state, p, now_ms)).await,
+        None => Box::pin(admit_detached(state, p, now_ms)).await,
     };
     let (Some(gcra), Some(d)) = (p.rate, admission.rate) else {
         return (None, admission.quota);
@@ -399,6 +399,27 @@ pub async fn admit(
         let mut e = ApiError::new(ErrorCode::RateLimited).details(json!({ "limit": gcra.limit }));
         e.retry_after = Some(secs);
         (Some(headers), Err(Box::new(e)))
+    }
+}
+
+/// [`admit_through_store`] in a task of its own, awaited. What it takes is taken in Redis or the
+/// store (a rate-limit charge, a quota unit), and a request is dropped when its client goes away:
+/// run in the request's own future, a unit could be taken and then neither counted in the key's
+/// usage nor announced when it crossed an alert threshold (the next unit never crosses it again,
+/// so that period's `key.usage_threshold` event was lost). The task takes and counts together.
+async fn admit_detached(state: &AppState, p: &Arc<Prepared>, now_ms: i64) -> Admission {
+    use tracing::Instrument;
+    let (state, p) = (state.clone(), p.clone());
+    let task = async move { admit_through_store(&state, &p, now_ms).await };
+    match tokio::spawn(task.in_current_span()).await {
+        Ok(admission) => admission,
+        // A panic stays a panic (the request's catcher answers it); a task cancelled by the
+        // runtime shutting down is a store that cannot answer.
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Admission {
+            rate: None,
+            quota: Err(Box::new(ApiError::new(ErrorCode::StoreUnavailable))),
+        },
     }
 }
 

@@ -81,7 +81,7 @@ impl Decided {
 /// endpoint's own check, after the use was counted, as for a direct call).
 async fn decide(
     state: &AppState,
-    p: &Prepared,
+    p: &Arc<Prepared>,
     body: &proto::VerifyRequest,
     given: &proto::VerifyRequestFacts,
     client_ip: Option<IpAddr>,

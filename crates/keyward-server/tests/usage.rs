@@ -186,6 +186,56 @@ async fn a_verify_failing_its_required_scopes_counts_like_a_direct_call_failing_
     assert_eq!(u["quota"]["used"], 2);
 }
 
+/// A request whose client goes away while its quota unit is being taken from the shared store
+/// still has that unit counted in the key's usage and, crossing a threshold, announced: the unit
+/// is taken either way (the statement runs once sent), and the next unit never crosses that
+/// threshold again. PostgreSQL only: there the take can be held (behind a lock on the counters'
+/// table); on SQLite a quota is counted in memory.
+#[tokio::test]
+async fn a_quota_unit_taken_for_a_client_that_left_is_counted_and_announced() {
+    use sqlx::Connection;
+    let s = TestServer::start().await;
+    let Some((url, schema)) = s.postgres() else {
+        eprintln!(
+            "skipped: needs KEYWARD_TEST_DATABASE_URL (only a shared store's take can be held)"
+        );
+        return;
+    };
+    let (key_id, key) = quota_agent(&s, json!({"limit": 2, "period": "day"}), json!([50])).await;
+    let mut lock = sqlx::postgres::PgConnection::connect(url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "SET search_path TO \"{schema}\"; BEGIN; \
+         LOCK TABLE quota_counters IN ACCESS EXCLUSIVE MODE;"
+    ))
+    .execute(&mut lock)
+    .await
+    .unwrap();
+    let cut_off =
+        tokio::time::timeout(std::time::Duration::from_millis(300), s.get("/v1/me", &key)).await;
+    assert!(cut_off.is_err(), "the take waits behind the lock");
+    // Time for the server to see the connection close and drop the request.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.unwrap();
+    lock.close().await.unwrap();
+    let usage = format!("/v1/keys/{key_id}/usage");
+    eventually("the use counted", || async {
+        s.get(&usage, &s.root_key).await.body["total"]["allowed"] == 1
+    })
+    .await;
+    let report = s.get(&usage, &s.root_key).await;
+    assert_eq!(report.body["quota"]["used"], 1, "{}", report.body);
+    let path = s.org_path(&format!(
+        "/audit?action=key.usage_threshold&key_id={key_id}"
+    ));
+    eventually("the 50% threshold announced", || async {
+        s.get(&path, &s.root_key).await.body["events"]
+            .as_array()
+            .map(Vec::len)
+            == Some(1)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn each_alert_threshold_is_announced_once_per_period() {
     let s = TestServer::start().await;
