@@ -382,9 +382,8 @@ pub async fn admit(
     };
     let admission = match local {
         Some(a) => a,
-        // Boxed: its futures (Redis, the store) would otherwise make every request's future
-        // kilobytes larger, and futures are moved by copying.
-        None => Box::pin(admit_detached(state, p, now_ms)).await,
+        // In a task of its own: its futures (Redis, the store) are not part of the request's.
+        None => admit_detached(state, p, now_ms).await,
     };
     let (Some(gcra), Some(d)) = (p.rate, admission.rate) else {
         return (None, admission.quota);
@@ -407,11 +406,19 @@ pub async fn admit(
 /// run in the request's own future, a unit could be taken and then neither counted in the key's
 /// usage nor announced when it crossed an alert threshold (the next unit never crosses it again,
 /// so that period's `key.usage_threshold` event was lost). The task takes and counts together.
+///
+/// At most [`crate::DETACHED_MAX`] run at once; beyond that (a store stalled while clients keep
+/// asking) the request is answered `503 STORE_UNAVAILABLE` without taking anything.
 async fn admit_detached(state: &AppState, p: &Arc<Prepared>, now_ms: i64) -> Admission {
-    use tracing::Instrument;
-    let (state, p) = (state.clone(), p.clone());
-    let task = async move { admit_through_store(&state, &p, now_ms).await };
-    match tokio::spawn(task.in_current_span()).await {
+    if state.detached_full() {
+        return Admission {
+            rate: None,
+            quota: Err(Box::new(ApiError::new(ErrorCode::StoreUnavailable))),
+        };
+    }
+    let (shared, p) = (state.clone(), p.clone());
+    let task = async move { admit_through_store(&shared, &p, now_ms).await };
+    match state.detach(task).await {
         Ok(admission) => admission,
         // A panic stays a panic (the request's catcher answers it); a task cancelled by the
         // runtime shutting down is a store that cannot answer.
@@ -743,28 +750,28 @@ struct Meta {
 }
 
 /// A failed authentication charged to an address whose request is dropped while its token is
-/// being looked up: its client went away while the store was read (a PostgreSQL read of a token
-/// the cache does not know; SQLite's hot read never waits).
+/// being looked up, once the token is found to name no key: its client went away while the store
+/// was read (a PostgreSQL read of a token the cache does not know; SQLite's hot read never
+/// waits).
 ///
 /// Without it a client guessing keys could cut each guess off once it was sent, before its
 /// `401` was decided, and never be charged by the failed-auth throttle: every guess is a token
-/// the cache has not seen, so every one waits on the store. The guess's answer is lost to it,
-/// but a read of every guess still reaches the store. A request whose key is valid but whose
-/// client leaves at that moment is charged too (nothing tells the two apart until the read
-/// returns), one failure of a generous budget.
+/// the cache has not seen, so every one waits on the store, and a read of every guess still
+/// reached the store. The lookup is finished in a task of its own ([`charge_if_unknown`]), so a
+/// valid key whose client leaves (or gives up on a slow store) is not charged.
 struct ChargeIfLeft<'a> {
-    throttle: &'a crate::limiter::AuthThrottle,
+    state: &'a AppState,
     ip: IpAddr,
-    now_ms: i64,
+    token: &'a str,
     armed: bool,
 }
 
 impl<'a> ChargeIfLeft<'a> {
-    fn arm(state: &'a AppState, ip: IpAddr, now_ms: i64) -> ChargeIfLeft<'a> {
+    fn arm(state: &'a AppState, ip: IpAddr, token: &'a str) -> ChargeIfLeft<'a> {
         ChargeIfLeft {
-            throttle: &state.auth_throttle,
+            state,
             ip,
-            now_ms,
+            token,
             armed: state.auth_throttle.enabled(),
         }
     }
@@ -777,12 +784,42 @@ impl<'a> ChargeIfLeft<'a> {
 
 impl Drop for ChargeIfLeft<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            let _ = self
-                .throttle
-                .fail(self.ip, self.now_ms.saturating_mul(1_000_000));
+        // A lookup that panicked is the server's fault, not the client's.
+        if self.armed && !std::thread::panicking() {
+            charge_if_unknown(self.state, self.ip, self.token);
         }
     }
+}
+
+/// Finishes the lookup of `token`, whose request was dropped, in a task of its own, and charges
+/// `ip` a failure if it names no key (a store error charges nothing). With
+/// [`crate::DETACHED_MAX`] tasks running already, or no runtime to run one, the failure is
+/// charged at once instead: a flood of requests cut off midway is then throttled without a
+/// store read each.
+fn charge_if_unknown(state: &AppState, ip: IpAddr, token: &str) {
+    let charge = move |state: &AppState| {
+        let now_ns = state.now_ms().saturating_mul(1_000_000);
+        let _ = state.auth_throttle.fail(ip, now_ns);
+        metrics::counter!("keyward_auth_failures_total", "code" => ErrorCode::InvalidApiKey.as_str())
+            .increment(1);
+    };
+    if state.detached_full() || tokio::runtime::Handle::try_current().is_err() {
+        charge(state);
+        return;
+    }
+    let shared = state.clone();
+    // A copy of the secret, in memory only, for as long as the lookup takes.
+    let token = keyward_core::secret::Secret::new(token.to_string());
+    drop(state.detach(async move {
+        let now_ms = shared.now_ms();
+        let found = shared
+            .cache
+            .lookup(shared.store.as_ref(), &shared.meter, token.expose(), now_ms)
+            .await;
+        if matches!(found, Ok(None)) {
+            charge(&shared);
+        }
+    }));
 }
 
 /// Whether org and agent rules are waived for this request: a root key changing its own org
@@ -819,7 +856,7 @@ async fn authenticate(
     let token = credential(req.headers())?;
     let prepared = match callers {
         None => {
-            let left = ChargeIfLeft::arm(state, ip, now_ms);
+            let left = ChargeIfLeft::arm(state, ip, token);
             let found = lookup(state, token, now_ms).await;
             left.disarm();
             found?
@@ -833,7 +870,7 @@ async fn authenticate(
                     p
                 }
                 None => {
-                    let left = ChargeIfLeft::arm(state, ip, now_ms);
+                    let left = ChargeIfLeft::arm(state, ip, token);
                     let found = state
                         .cache
                         .lookup_digest(state.store.as_ref(), &state.meter, token, digest, now_ms)

@@ -115,7 +115,16 @@ pub struct Shared {
     pub decisions: decisions::DecisionLog,
     /// Failed authentications per client address (`config.failed_auth_limit`; off when none).
     pub auth_throttle: limiter::AuthThrottle,
+    /// Work a request hands off so that it finishes even if the request is dropped (see
+    /// [`AppState::detach`]); a graceful shutdown waits for it before its final flush.
+    pub detached: tokio_util::task::TaskTracker,
 }
+
+/// At most this many handed-off tasks that a client can start at will (an admission through the
+/// store, the check of a token whose client left) run at once: each waits on the store, and
+/// while the store stalls, clients that give up and ask again would otherwise pile them up
+/// without bound. Beyond it such work is refused or done the cheap way (see its callers).
+pub const DETACHED_MAX: usize = 4096;
 
 impl AppState {
     /// The state of a server over `store` (no background tasks; `serve` starts those).
@@ -135,7 +144,26 @@ impl AppState {
             replay: signing::ReplayCache::default(),
             meter: usage::Meter::default(),
             decisions: decisions::DecisionLog::default(),
+            detached: tokio_util::task::TaskTracker::new(),
         }))
+    }
+
+    /// Runs `work` in a task of its own, in the current span, tracked by [`Shared::detached`].
+    /// For work a request starts that must not stop halfway when the request is dropped, as it
+    /// is when its client goes away (a store write and its invalidation, a quota unit taken and
+    /// counted): the task finishes it whatever happens to the request.
+    pub fn detach<F>(&self, work: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        use tracing::Instrument;
+        self.detached.spawn(work.in_current_span())
+    }
+
+    /// Whether [`DETACHED_MAX`] handed-off tasks are running.
+    pub fn detached_full(&self) -> bool {
+        self.detached.len() >= DETACHED_MAX
     }
 
     /// The current time at the API's precision (milliseconds), so that what a handler holds in
@@ -154,9 +182,8 @@ impl AppState {
     /// caller that may be dropped, as a request handler is when its client goes away, must not
     /// run one in its own future: the task finishes the flush whatever happens to the caller.
     pub async fn flush_usage(&self) -> keyward_store::StoreResult<()> {
-        use tracing::Instrument;
         let state = self.clone();
-        tokio::spawn(async move { state.meter.flush(state.store.as_ref()).await }.in_current_span())
+        self.detach(async move { state.meter.flush(state.store.as_ref()).await })
             .await
             .map_err(|e| keyward_store::StoreError::Internal(format!("usage flush task: {e}")))?
     }
@@ -174,19 +201,15 @@ impl AppState {
         Fut: Future<Output = keyward_store::StoreResult<T>> + Send + 'static,
         T: Send + 'static,
     {
-        use tracing::Instrument;
         let state = self.clone();
         let written = write(self.store.clone());
-        tokio::spawn(
-            async move {
-                let r = written.await;
-                // Whatever the answer: a write may have committed though the store reported an
-                // error (a lost commit acknowledgement), and a needless invalidation costs O(1).
-                state.on_key_change();
-                r
-            }
-            .in_current_span(),
-        )
+        self.detach(async move {
+            let r = written.await;
+            // Whatever the answer: a write may have committed though the store reported an
+            // error (a lost commit acknowledgement), and a needless invalidation costs O(1).
+            state.on_key_change();
+            r
+        })
         .await
         .map_err(|e| keyward_store::StoreError::Internal(format!("key write task: {e}")))?
     }
@@ -362,6 +385,19 @@ pub async fn serve(
     let served = axum::serve(listener, make)
         .with_graceful_shutdown(shutdown)
         .await;
+    // What requests handed off (a quota unit being taken for a client that left, a write)
+    // finishes first, so that the final flush below counts it; within a bound, as for the
+    // flusher.
+    state.detached.close();
+    if tokio::time::timeout(std::time::Duration::from_secs(10), state.detached.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            tasks = state.detached.len(),
+            "handed-off request work still running after 10 s at shutdown; not waiting for it"
+        );
+    }
     // Stopped, not aborted: a flush in flight finishes (an abort could drop counts it had
     // already taken from the keys), then the final flush below writes the rest.
     // A store that hangs must not hang shutdown with it: after a bound, the flush is given up.

@@ -251,13 +251,40 @@ async fn well_formed_unknown_tokens_count_against_the_throttle_too() {
     assert_eq!(codes, three_then_throttled(6));
 }
 
+/// Holds every read of the keys' table (behind a lock taken in a transaction of its own) while
+/// `during` runs: the PostgreSQL server's lookups of tokens its cache does not know wait. Then
+/// lets them go, and gives a lookup left running by a dropped request the time to finish.
+async fn with_key_reads_held<F: std::future::Future>(url: &str, schema: &str, during: F) {
+    use sqlx::Connection;
+    let mut lock = sqlx::postgres::PgConnection::connect(url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "SET search_path TO \"{schema}\"; BEGIN; LOCK TABLE keys IN ACCESS EXCLUSIVE MODE;"
+    ))
+    .execute(&mut lock)
+    .await
+    .unwrap();
+    during.await;
+    // Time for the server to see a connection close and drop its request (were the read to
+    // finish first instead, the request would be judged the usual way).
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.unwrap();
+    lock.close().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+}
+
+/// Sends `GET /v1/me` with `key` and gives up after 300 ms, closing the connection.
+async fn give_up_on(s: &TestServer, key: &str) {
+    let cut_off =
+        tokio::time::timeout(std::time::Duration::from_millis(300), s.get("/v1/me", key)).await;
+    assert!(cut_off.is_err(), "the read waits behind the lock");
+}
+
 /// A client that cuts its request off while its unknown token is being read from the store is
-/// still charged a failure: otherwise a guesser could drop every guess once sent and never be
-/// throttled, each guess still reaching the store. PostgreSQL only: there the read can be held
-/// (behind a lock on the keys' table), while SQLite's hot read never waits.
+/// still charged a failure, once the read finds no key: otherwise a guesser could drop every
+/// guess once sent and never be throttled, each guess still reaching the store. PostgreSQL only:
+/// there the read can be held, while SQLite's hot read never waits.
 #[tokio::test]
 async fn a_client_that_leaves_during_the_store_read_is_charged_a_failure() {
-    use sqlx::Connection;
     let s = throttled_server().await;
     let Some((url, schema)) = s.postgres() else {
         eprintln!("skipped: needs KEYWARD_TEST_DATABASE_URL (only a PostgreSQL read can be held)");
@@ -268,29 +295,43 @@ async fn a_client_that_leaves_during_the_store_read_is_charged_a_failure() {
             .await
             .assert_error(401, "INVALID_API_KEY");
     }
-    let mut lock = sqlx::postgres::PgConnection::connect(url).await.unwrap();
-    sqlx::raw_sql(&format!(
-        "SET search_path TO \"{schema}\"; BEGIN; LOCK TABLE keys IN ACCESS EXCLUSIVE MODE;"
-    ))
-    .execute(&mut lock)
-    .await
-    .unwrap();
-    // The third guess waits for the lock; its client gives up and closes the connection.
-    let cut_off = tokio::time::timeout(
-        std::time::Duration::from_millis(300),
-        s.get("/v1/me", &never_issued()),
-    )
-    .await;
-    assert!(cut_off.is_err(), "the read waits behind the lock");
-    // Time for the server to see the connection close and drop the request (were the read to
-    // finish first instead, the failure would be charged the usual way).
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.unwrap();
-    lock.close().await.unwrap();
+    with_key_reads_held(url, schema, give_up_on(&s, &never_issued())).await;
     // That was the third failure of the budget: the fourth guess is refused.
     s.get("/v1/me", &never_issued())
         .await
         .assert_error(429, "RATE_LIMITED");
+}
+
+/// ...but a valid key whose client gives up on a slow store is not charged: its lookup finds
+/// the key. (Charged, a proxy that times out on every request while the store stalls would get
+/// its own valid keys refused.)
+#[tokio::test]
+async fn a_valid_key_whose_client_leaves_during_the_store_read_is_not_charged() {
+    let s = throttled_server().await;
+    let Some((url, schema)) = s.postgres() else {
+        eprintln!("skipped: needs KEYWARD_TEST_DATABASE_URL (only a PostgreSQL read can be held)");
+        return;
+    };
+    let (_, _, key) = s
+        .create_agent("patient", json!({"slack": ["chat:write"]}))
+        .await;
+    for _ in 0..2 {
+        s.get("/v1/me", &never_issued())
+            .await
+            .assert_error(401, "INVALID_API_KEY");
+    }
+    with_key_reads_held(url, schema, give_up_on(&s, &key)).await;
+    let codes = [
+        s.get("/v1/me", &never_issued()).await.code().to_string(),
+        s.get("/v1/me", &never_issued()).await.code().to_string(),
+    ];
+    assert_eq!(
+        codes,
+        ["INVALID_API_KEY", "RATE_LIMITED"],
+        "one failure of the budget left"
+    );
+    s.advance(Duration::seconds(1));
+    s.get("/v1/me", &key).await.assert_status(200);
 }
 
 /// The throttle's budget holds however many requests an address has in flight: they all pass
