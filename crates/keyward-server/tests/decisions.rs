@@ -272,6 +272,15 @@ async fn with_key_reads_held<F: std::future::Future>(url: &str, schema: &str, du
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
 }
 
+/// Two failures from this address: one left of [`throttled_server`]'s budget.
+async fn fail_twice(s: &TestServer) {
+    for _ in 0..2 {
+        s.get("/v1/me", &never_issued())
+            .await
+            .assert_error(401, "INVALID_API_KEY");
+    }
+}
+
 /// Sends `GET /v1/me` with `key` and gives up after 300 ms, closing the connection.
 async fn give_up_on(s: &TestServer, key: &str) {
     let cut_off =
@@ -286,15 +295,10 @@ async fn give_up_on(s: &TestServer, key: &str) {
 #[tokio::test]
 async fn a_client_that_leaves_during_the_store_read_is_charged_a_failure() {
     let s = throttled_server().await;
-    let Some((url, schema)) = s.postgres() else {
-        eprintln!("skipped: needs KEYWARD_TEST_DATABASE_URL (only a PostgreSQL read can be held)");
+    let Some((url, schema)) = s.postgres_or_skip("can hold a read") else {
         return;
     };
-    for _ in 0..2 {
-        s.get("/v1/me", &never_issued())
-            .await
-            .assert_error(401, "INVALID_API_KEY");
-    }
+    fail_twice(&s).await;
     with_key_reads_held(url, schema, give_up_on(&s, &never_issued())).await;
     // That was the third failure of the budget: the fourth guess is refused.
     s.get("/v1/me", &never_issued())
@@ -308,18 +312,13 @@ async fn a_client_that_leaves_during_the_store_read_is_charged_a_failure() {
 #[tokio::test]
 async fn a_valid_key_whose_client_leaves_during_the_store_read_is_not_charged() {
     let s = throttled_server().await;
-    let Some((url, schema)) = s.postgres() else {
-        eprintln!("skipped: needs KEYWARD_TEST_DATABASE_URL (only a PostgreSQL read can be held)");
+    let Some((url, schema)) = s.postgres_or_skip("can hold a read") else {
         return;
     };
     let (_, _, key) = s
         .create_agent("patient", json!({"slack": ["chat:write"]}))
         .await;
-    for _ in 0..2 {
-        s.get("/v1/me", &never_issued())
-            .await
-            .assert_error(401, "INVALID_API_KEY");
-    }
+    fail_twice(&s).await;
     with_key_reads_held(url, schema, give_up_on(&s, &key)).await;
     let codes = [
         s.get("/v1/me", &never_issued()).await.code().to_string(),

@@ -195,10 +195,7 @@ async fn a_verify_failing_its_required_scopes_counts_like_a_direct_call_failing_
 async fn a_quota_unit_taken_for_a_client_that_left_is_counted_and_announced() {
     use sqlx::Connection;
     let s = TestServer::start().await;
-    let Some((url, schema)) = s.postgres() else {
-        eprintln!(
-            "skipped: needs KEYWARD_TEST_DATABASE_URL (only a shared store's take can be held)"
-        );
+    let Some((url, schema)) = s.postgres_or_skip("can hold a quota unit's take") else {
         return;
     };
     let (key_id, key) = quota_agent(&s, json!({"limit": 2, "period": "day"}), json!([50])).await;

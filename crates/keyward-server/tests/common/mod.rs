@@ -174,11 +174,17 @@ impl TestServer {
         (org.id.to_string(), key.expose().to_string())
     }
 
-    /// (database URL, schema) when the server runs on PostgreSQL.
-    pub fn postgres(&self) -> Option<(&str, &str)> {
-        self.pg_schema
+    /// (database URL, schema) when the server runs on PostgreSQL; otherwise `None`, after
+    /// printing that the test is skipped because only PostgreSQL can do `what`.
+    pub fn postgres_or_skip(&self, what: &str) -> Option<(&str, &str)> {
+        let pg = self
+            .pg_schema
             .as_ref()
-            .map(|(url, schema)| (url.as_str(), schema.as_str()))
+            .map(|(url, schema)| (url.as_str(), schema.as_str()));
+        if pg.is_none() {
+            eprintln!("skipped: needs KEYWARD_TEST_DATABASE_URL (only PostgreSQL {what})");
+        }
+        pg
     }
 
     /// Moves the server's clock forward.
