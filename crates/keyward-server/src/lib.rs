@@ -161,6 +161,28 @@ impl AppState {
         self.detached.spawn(work.in_current_span())
     }
 
+    /// The end of a graceful shutdown, once no request is left and the usage flusher has
+    /// stopped: waits for the work requests handed off (a quota unit being taken for a client
+    /// that left, a write), for at most `within` (a store that hangs must not hang shutdown),
+    /// so that what it counts is in the final flush; then writes the last usage counts and
+    /// access decisions before the process goes.
+    pub async fn finish(&self, within: std::time::Duration) {
+        self.detached.close();
+        if tokio::time::timeout(within, self.detached.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                tasks = self.detached.len(),
+                "handed-off request work still running at shutdown; not waiting for it"
+            );
+        }
+        if let Err(e) = self.meter.flush(self.store.as_ref()).await {
+            tracing::error!(error = %e, "final usage flush failed");
+        }
+        self.decisions.flush(self.store.as_ref()).await;
+    }
+
     /// Whether [`DETACHED_MAX`] handed-off tasks are running.
     pub fn detached_full(&self) -> bool {
         self.detached.len() >= DETACHED_MAX
@@ -385,19 +407,6 @@ pub async fn serve(
     let served = axum::serve(listener, make)
         .with_graceful_shutdown(shutdown)
         .await;
-    // What requests handed off (a quota unit being taken for a client that left, a write)
-    // finishes first, so that the final flush below counts it; within a bound, as for the
-    // flusher.
-    state.detached.close();
-    if tokio::time::timeout(std::time::Duration::from_secs(10), state.detached.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            tasks = state.detached.len(),
-            "handed-off request work still running after 10 s at shutdown; not waiting for it"
-        );
-    }
     // Stopped, not aborted: a flush in flight finishes (an abort could drop counts it had
     // already taken from the keys), then the final flush below writes the rest.
     // A store that hangs must not hang shutdown with it: after a bound, the flush is given up.
@@ -414,11 +423,7 @@ pub async fn serve(
     upkeep.abort();
     pruner.abort();
     sweeper.abort();
-    // The last counts of a graceful shutdown are written before the process goes.
-    if let Err(e) = state.meter.flush(state.store.as_ref()).await {
-        tracing::error!(error = %e, "final usage flush failed");
-    }
-    state.decisions.flush(state.store.as_ref()).await;
+    state.finish(std::time::Duration::from_secs(10)).await;
     served
 }
 

@@ -578,3 +578,110 @@ async fn a_usage_flush_whose_caller_goes_away_still_writes_its_counts() {
     })
     .await;
 }
+
+/// A graceful shutdown's final flush waits for the work requests handed off: a use counted by a
+/// task still running when the last request ended (a quota unit being taken for a client that
+/// left) is in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_final_flush_waits_for_work_handed_off_by_requests() {
+    use keyward_store::Store;
+    let common::Bare {
+        state,
+        store,
+        clock,
+        org,
+        root: token,
+        dir: _dir,
+        ..
+    } = common::Bare::start().await;
+    let digest = keyward_core::token::TokenDigest::of(token.expose());
+    let key = store
+        .find_key_by_digest(&digest)
+        .await
+        .unwrap()
+        .unwrap()
+        .key;
+    let live = state.meter.state(key.id, org.id);
+    let go = Arc::new(tokio::sync::Notify::new());
+    let (gate, counting, now_ms) = (go.clone(), state.clone(), clock.now_ms());
+    let handed_off = state.detach(async move {
+        gate.notified().await;
+        counting
+            .meter
+            .record(&live, keyward_server::usage::Use::Allowed, now_ms);
+    });
+    let finishing = tokio::spawn({
+        let state = state.clone();
+        async move { state.finish(std::time::Duration::from_secs(10)).await }
+    });
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!finishing.is_finished(), "the shutdown waits for the task");
+    go.notify_one();
+    finishing.await.unwrap();
+    assert!(handed_off.is_finished());
+    let (since, until) = (
+        clock.now() - Duration::hours(1),
+        clock.now() + Duration::hours(1),
+    );
+    let hours = store.usage_hours(key.id, since, until).await.unwrap();
+    assert_eq!(hours.iter().map(|h| h.allowed).sum::<u64>(), 1);
+}
+
+/// Handed-off admissions are bounded: with `DETACHED_MAX` tasks running (a store stalled while
+/// clients keep asking), a use that must go through the store is answered `503` without taking
+/// anything; once they are done, it is admitted and counted from nothing taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admissions_through_the_store_are_refused_while_too_many_are_handed_off() {
+    use keyward_core::model::{Quota, QuotaPeriod};
+    let common::Bare {
+        state,
+        clock,
+        root: token,
+        dir: _dir,
+        ..
+    } = common::Bare::start().await;
+    let root = state
+        .cache
+        .lookup(
+            state.store.as_ref(),
+            &state.meter,
+            token.expose(),
+            clock.now_ms(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    // A quota's first use in a period reads the store: the admission is handed off.
+    let mut metered = (*root).clone();
+    metered.key.quota = Some(Quota {
+        limit: 10,
+        period: QuotaPeriod::Day,
+    });
+    let metered = Arc::new(metered);
+    let (release, released) = tokio::sync::watch::channel(false);
+    let held: Vec<_> = (0..keyward_server::DETACHED_MAX)
+        .map(|_| {
+            let mut released = released.clone();
+            state.detach(async move {
+                let _ = released.wait_for(|r| *r).await;
+            })
+        })
+        .collect();
+    let (_, refused) = keyward_server::auth::admit(&state, &metered, clock.now_ms()).await;
+    assert_eq!(
+        refused.unwrap_err().code,
+        keyward_proto::ErrorCode::StoreUnavailable
+    );
+    release.send(true).unwrap();
+    for task in held {
+        task.await.unwrap();
+    }
+    let (_, admitted) = keyward_server::auth::admit(&state, &metered, clock.now_ms()).await;
+    assert_eq!(
+        admitted.unwrap().unwrap().used,
+        1,
+        "the refusal took nothing"
+    );
+}
