@@ -408,16 +408,21 @@ pub async fn admit(
 /// so that period's `key.usage_threshold` event was lost). The task takes and counts together.
 ///
 /// At most [`crate::DETACHED_MAX`] run at once; beyond that (a store stalled while clients keep
-/// asking) the request is answered `503 STORE_UNAVAILABLE` without taking anything.
+/// asking) the request is answered `503 STORE_UNAVAILABLE` without taking anything, and counted
+/// as denied, as a store error is.
 async fn admit_detached(state: &AppState, p: &Arc<Prepared>, now_ms: i64) -> Admission {
-    if state.detached_full() {
+    let Ok(permit) = state.detached_admissions.clone().try_acquire_owned() else {
+        state.meter.record(&p.live, Use::Denied, now_ms);
         return Admission {
             rate: None,
             quota: Err(Box::new(ApiError::new(ErrorCode::StoreUnavailable))),
         };
-    }
+    };
     let (shared, p) = (state.clone(), p.clone());
-    let task = async move { admit_through_store(&shared, &p, now_ms).await };
+    let task = async move {
+        let _permit = permit;
+        admit_through_store(&shared, &p, now_ms).await
+    };
     match state.detach(task).await {
         Ok(admission) => admission,
         // A panic stays a panic (the request's catcher answers it); a task cancelled by the
@@ -793,31 +798,31 @@ impl Drop for ChargeIfLeft<'_> {
 
 /// Finishes the lookup of `token`, whose request was dropped, in a task of its own, and charges
 /// `ip` a failure if it names no key (a store error charges nothing). With
-/// [`crate::DETACHED_MAX`] tasks running already, or no runtime to run one, the failure is
-/// charged at once instead: a flood of requests cut off midway is then throttled without a
-/// store read each.
+/// [`crate::DETACHED_MAX`] such lookups running already (the store stalled), or no runtime to
+/// run one, nothing is charged: a valid key retried by a client that keeps giving up must not
+/// be, and a guesser's reads are then bounded by the store's pace anyway.
 fn charge_if_unknown(state: &AppState, ip: IpAddr, token: &str) {
-    let charge = move |state: &AppState| {
-        let now_ns = state.now_ms().saturating_mul(1_000_000);
-        let _ = state.auth_throttle.fail(ip, now_ns);
-        metrics::counter!("keyward_auth_failures_total", "code" => ErrorCode::InvalidApiKey.as_str())
-            .increment(1);
-    };
-    if state.detached_full() || tokio::runtime::Handle::try_current().is_err() {
-        charge(state);
+    if tokio::runtime::Handle::try_current().is_err() {
         return;
     }
+    let Ok(permit) = state.detached_lookups.clone().try_acquire_owned() else {
+        return;
+    };
     let shared = state.clone();
     // A copy of the secret, in memory only, for as long as the lookup takes.
     let token = keyward_core::secret::Secret::new(token.to_string());
     drop(state.detach(async move {
+        let _permit = permit;
         let now_ms = shared.now_ms();
         let found = shared
             .cache
             .lookup(shared.store.as_ref(), &shared.meter, token.expose(), now_ms)
             .await;
         if matches!(found, Ok(None)) {
-            charge(&shared);
+            let now_ns = shared.now_ms().saturating_mul(1_000_000);
+            let _ = shared.auth_throttle.fail(ip, now_ns);
+            metrics::counter!("keyward_auth_failures_total", "code" => ErrorCode::InvalidApiKey.as_str())
+                .increment(1);
         }
     }));
 }

@@ -118,12 +118,18 @@ pub struct Shared {
     /// Work a request hands off so that it finishes even if the request is dropped (see
     /// [`AppState::detach`]); a graceful shutdown waits for it before its final flush.
     pub detached: tokio_util::task::TaskTracker,
+    /// Permits for handed-off admissions through the store or Redis ([`DETACHED_MAX`]).
+    pub detached_admissions: Arc<tokio::sync::Semaphore>,
+    /// Permits for handed-off lookups of tokens whose requests were dropped ([`DETACHED_MAX`]),
+    /// apart from the admissions' so that clients without a valid key cannot use those up.
+    pub detached_lookups: Arc<tokio::sync::Semaphore>,
 }
 
-/// At most this many handed-off tasks that a client can start at will (an admission through the
-/// store, the check of a token whose client left) run at once: each waits on the store, and
-/// while the store stalls, clients that give up and ask again would otherwise pile them up
-/// without bound. Beyond it such work is refused or done the cheap way (see its callers).
+/// At most this many handed-off admissions, and apart from them this many handed-off lookups,
+/// run at once: each waits on the store, and while the store stalls, clients that give up and
+/// ask again would otherwise pile them up without bound. Beyond it an admission is refused and
+/// a lookup is not made (see their callers). Key writes and usage flushes, which clients cannot
+/// start at will, are not limited.
 pub const DETACHED_MAX: usize = 4096;
 
 impl AppState {
@@ -145,6 +151,8 @@ impl AppState {
             meter: usage::Meter::default(),
             decisions: decisions::DecisionLog::default(),
             detached: tokio_util::task::TaskTracker::new(),
+            detached_admissions: Arc::new(tokio::sync::Semaphore::new(DETACHED_MAX)),
+            detached_lookups: Arc::new(tokio::sync::Semaphore::new(DETACHED_MAX)),
         }))
     }
 
@@ -163,9 +171,9 @@ impl AppState {
 
     /// The end of a graceful shutdown, once no request is left and the usage flusher has
     /// stopped: waits for the work requests handed off (a quota unit being taken for a client
-    /// that left, a write), for at most `within` (a store that hangs must not hang shutdown),
-    /// so that what it counts is in the final flush; then writes the last usage counts and
-    /// access decisions before the process goes.
+    /// that left, a write), for at most `within`, so that what it counts is in the final flush;
+    /// then writes the last usage counts and access decisions, each for at most `within` too (a
+    /// store that hangs must not hang shutdown; what a flush given up on had taken is lost).
     pub async fn finish(&self, within: std::time::Duration) {
         self.detached.close();
         if tokio::time::timeout(within, self.detached.wait())
@@ -177,15 +185,17 @@ impl AppState {
                 "handed-off request work still running at shutdown; not waiting for it"
             );
         }
-        if let Err(e) = self.meter.flush(self.store.as_ref()).await {
-            tracing::error!(error = %e, "final usage flush failed");
+        match tokio::time::timeout(within, self.meter.flush(self.store.as_ref())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "final usage flush failed"),
+            Err(_) => tracing::error!("final usage flush still running at shutdown; given up"),
         }
-        self.decisions.flush(self.store.as_ref()).await;
-    }
-
-    /// Whether [`DETACHED_MAX`] handed-off tasks are running.
-    pub fn detached_full(&self) -> bool {
-        self.detached.len() >= DETACHED_MAX
+        if tokio::time::timeout(within, self.decisions.flush(self.store.as_ref()))
+            .await
+            .is_err()
+        {
+            tracing::error!("final decisions flush still running at shutdown; given up");
+        }
     }
 
     /// The current time at the API's precision (milliseconds), so that what a handler holds in
