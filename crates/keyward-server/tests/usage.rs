@@ -585,23 +585,10 @@ async fn a_usage_flush_whose_caller_goes_away_still_writes_its_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_final_flush_waits_for_work_handed_off_by_requests() {
     use keyward_store::Store;
-    let common::Bare {
-        state,
-        store,
-        clock,
-        org,
-        root: token,
-        dir: _dir,
-        ..
-    } = common::Bare::start().await;
-    let digest = keyward_core::token::TokenDigest::of(token.expose());
-    let key = store
-        .find_key_by_digest(&digest)
-        .await
-        .unwrap()
-        .unwrap()
-        .key;
-    let live = state.meter.state(key.id, org.id);
+    let bare = common::Bare::start().await;
+    let (state, store, clock) = (&bare.state, &bare.store, &bare.clock);
+    let root = bare.root_snapshot().await;
+    let (key, live) = (&root.key, root.live.clone());
     let go = Arc::new(tokio::sync::Notify::new());
     let (gate, counting, now_ms) = (go.clone(), state.clone(), clock.now_ms());
     let handed_off = state.detach(async move {
@@ -636,24 +623,9 @@ async fn the_final_flush_waits_for_work_handed_off_by_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admissions_through_the_store_are_refused_while_too_many_are_handed_off() {
     use keyward_core::model::{Quota, QuotaPeriod};
-    let common::Bare {
-        state,
-        clock,
-        root: token,
-        dir: _dir,
-        ..
-    } = common::Bare::start().await;
-    let root = state
-        .cache
-        .lookup(
-            state.store.as_ref(),
-            &state.meter,
-            token.expose(),
-            clock.now_ms(),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+    let bare = common::Bare::start().await;
+    let (state, clock) = (&bare.state, &bare.clock);
+    let root = bare.root_snapshot().await;
     // A quota's first use in a period reads the store: the admission is handed off.
     let mut metered = (*root).clone();
     metered.key.quota = Some(Quota {
@@ -674,13 +646,13 @@ async fn admissions_through_the_store_are_refused_while_too_many_are_handed_off(
                 .unwrap()
         })
         .collect();
-    let (_, refused) = keyward_server::auth::admit(&state, &metered, clock.now_ms()).await;
+    let (_, refused) = keyward_server::auth::admit(state, &metered, clock.now_ms()).await;
     assert_eq!(
         refused.unwrap_err().code,
         keyward_proto::ErrorCode::StoreUnavailable
     );
     held.pop();
-    let (_, admitted) = keyward_server::auth::admit(&state, &metered, clock.now_ms()).await;
+    let (_, admitted) = keyward_server::auth::admit(state, &metered, clock.now_ms()).await;
     assert_eq!(
         admitted.unwrap().unwrap().used,
         1,

@@ -334,4 +334,19 @@ impl Bare {
             dir,
         }
     }
+
+    /// The root key's snapshot, through the verify cache (filled from the store on a miss).
+    pub async fn root_snapshot(&self) -> Arc<keyward_server::cache::Prepared> {
+        self.state
+            .cache
+            .lookup(
+                self.state.store.as_ref(),
+                &self.state.meter,
+                self.root.expose(),
+                self.clock.now_ms(),
+            )
+            .await
+            .unwrap()
+            .unwrap()
+    }
 }
