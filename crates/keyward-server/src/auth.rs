@@ -413,10 +413,7 @@ pub async fn admit(
 async fn admit_detached(state: &AppState, p: &Arc<Prepared>, now_ms: i64) -> Admission {
     let Ok(permit) = state.detached_admissions.clone().try_acquire_owned() else {
         state.meter.record(&p.live, Use::Denied, now_ms);
-        return Admission {
-            rate: None,
-            quota: Err(Box::new(ApiError::new(ErrorCode::StoreUnavailable))),
-        };
+        return Admission::unavailable();
     };
     let (shared, p) = (state.clone(), p.clone());
     let task = async move {
@@ -428,10 +425,7 @@ async fn admit_detached(state: &AppState, p: &Arc<Prepared>, now_ms: i64) -> Adm
         // A panic stays a panic (the request's catcher answers it); a task cancelled by the
         // runtime shutting down is a store that cannot answer.
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => Admission {
-            rate: None,
-            quota: Err(Box::new(ApiError::new(ErrorCode::StoreUnavailable))),
-        },
+        Err(_) => Admission::unavailable(),
     }
 }
 

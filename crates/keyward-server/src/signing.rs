@@ -67,7 +67,9 @@ impl ReplayCache {
 /// the check ends without a use of it, by an error of the shared store's claim or by the
 /// request being dropped while the store was asked (its client went away). Kept, an honest
 /// retry of that request would be refused as a replay for the rest of the window, though no
-/// request ever used the signature.
+/// request ever used the signature. (A claim that had reached the store when its request was
+/// dropped may still be written there; the store then refuses the retry itself, whatever this
+/// node forgot.)
 struct Recorded<'a> {
     replay: &'a ReplayCache,
     key_id: uuid::Uuid,

@@ -239,6 +239,16 @@ pub struct Admission {
     pub quota: Result<Option<QuotaUse>, Box<ApiError>>,
 }
 
+impl Admission {
+    /// No decision: the store (or the task that would have asked it) could not answer.
+    pub fn unavailable() -> Admission {
+        Admission {
+            rate: None,
+            quota: Err(Box::new(ApiError::new(ErrorCode::StoreUnavailable))),
+        }
+    }
+}
+
 /// What a flush took from one state: its counts by hour and its last use (0: none).
 type Taken<'a> = (&'a Arc<KeyState>, Vec<(i64, Counts)>, i64);
 
