@@ -216,6 +216,19 @@ async fn request_facts_longer_than_their_limits_are_400_validation_error() {
     let (_, _, target) = s
         .create_agent("worker", json!({"slack": ["chat:write"]}))
         .await;
+    // The limits the docs and the OpenAPI document state (held here as numbers, so that a
+    // change to the constant is a change to this test too).
+    assert_eq!(
+        keyward_proto::VerifyRequestFacts::MAX_LENGTHS,
+        [
+            ("method", 32),
+            ("path", 4096),
+            ("provider_id", 256),
+            ("resource_kind", 256),
+            ("app_id", 256),
+            ("environment", 256),
+        ]
+    );
     for (field, max) in keyward_proto::VerifyRequestFacts::MAX_LENGTHS {
         // At the limit (counted in characters, here two bytes each): answered.
         let at = "é".repeat(max);
