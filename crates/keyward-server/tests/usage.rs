@@ -616,6 +616,130 @@ async fn the_final_flush_waits_for_work_handed_off_by_requests() {
     assert_eq!(hours.iter().map(|h| h.allowed).sum::<u64>(), 1);
 }
 
+/// A graceful shutdown's final flushes are each given up on after their bound when the store
+/// hangs, rather than hanging the shutdown with it; a usage flush given up on does not keep the
+/// pending denials from being written after it. PostgreSQL only (the usage tables are locked to
+/// hold the flush; SQLite's writes give up on a lock by themselves).
+#[tokio::test]
+async fn the_final_flushes_give_up_on_a_store_that_hangs() {
+    use keyward_core::model::{AuditFilter, Page};
+    use keyward_server::decisions::Decision;
+    use sqlx::Connection;
+    let url = match std::env::var("KEYWARD_TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => {
+            eprintln!("skipped: only PostgreSQL can hold a flush (KEYWARD_TEST_DATABASE_URL)");
+            return;
+        }
+    };
+    let schema = format!("kwh_{}", uuid::Uuid::now_v7().simple());
+    let store: Arc<dyn keyward_store::Store> = Arc::new(
+        keyward_store::postgres::PostgresStore::connect_in_schema(&url, &schema)
+            .await
+            .unwrap(),
+    );
+    let clock = Arc::new(keyward_core::clock::ManualClock::new(common::t0()));
+    let (org, root) = keyward_server::bootstrap::create_org(store.as_ref(), clock.as_ref(), "o")
+        .await
+        .unwrap();
+    let state = common::Bare::state_over(store.clone(), clock.clone());
+    let p = state
+        .cache
+        .lookup(store.as_ref(), &state.meter, root.expose(), clock.now_ms())
+        .await
+        .unwrap()
+        .unwrap();
+    state
+        .meter
+        .record(&p.live, keyward_server::usage::Use::Allowed, clock.now_ms());
+    state.decisions.record(Decision {
+        key: &p.key,
+        action: "auth.denied",
+        code: "AGENT_PAUSED",
+        client_ip: None,
+        request_id: None,
+        trace: Default::default(),
+        method: None,
+        path: None,
+        at: clock.now(),
+    });
+    let mut lock = sqlx::postgres::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "SET search_path TO \"{schema}\"; BEGIN; \
+         LOCK TABLE usage_hourly, key_last_used IN ACCESS EXCLUSIVE MODE;"
+    ))
+    .execute(&mut lock)
+    .await
+    .unwrap();
+    // Without the bound the flush would wait for the lock, which is held until after this.
+    let finished = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        state.finish(std::time::Duration::from_millis(500)),
+    )
+    .await;
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.unwrap();
+    assert!(finished.is_ok(), "the shutdown hung with the store");
+    let denied = store
+        .list_audit(
+            org.id,
+            &AuditFilter {
+                action: Some("auth.denied".into()),
+                ..Default::default()
+            },
+            Page {
+                limit: 10,
+                offset: 0,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        denied.len(),
+        1,
+        "the denial written after the usage flush was given up on"
+    );
+    // And the decisions' flush has its own bound: with the audit table held too, the shutdown
+    // still ends.
+    state
+        .meter
+        .record(&p.live, keyward_server::usage::Use::Allowed, clock.now_ms());
+    state.decisions.record(Decision {
+        key: &p.key,
+        action: "auth.denied",
+        code: "KEY_EXPIRED",
+        client_ip: None,
+        request_id: None,
+        trace: Default::default(),
+        method: None,
+        path: None,
+        at: clock.now(),
+    });
+    // (The schema is named again: the first lock's rollback undid its `SET`.)
+    sqlx::raw_sql(&format!(
+        "SET search_path TO \"{schema}\"; BEGIN; \
+         LOCK TABLE usage_hourly, key_last_used, audit_events IN ACCESS EXCLUSIVE MODE;"
+    ))
+    .execute(&mut lock)
+    .await
+    .unwrap();
+    let finished = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        state.finish(std::time::Duration::from_millis(500)),
+    )
+    .await;
+    sqlx::raw_sql("ROLLBACK").execute(&mut lock).await.unwrap();
+    lock.close().await.unwrap();
+    assert!(finished.is_ok(), "the shutdown hung on the audit table");
+    let _ = std::process::Command::new("psql")
+        .arg(&url)
+        .args([
+            "-q",
+            "-c",
+            &format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"),
+        ])
+        .output();
+}
+
 /// Handed-off admissions are bounded: with `DETACHED_MAX` of them running (a store stalled
 /// while clients keep asking), a use that must go through the store is answered `503` without
 /// taking anything; with one place free it is admitted, counted from nothing taken. Other

@@ -1070,6 +1070,89 @@ async fn sigint_shuts_down_gracefully_with_exit_code_0() {
     assert_eq!(status.code(), Some(0), "exit status after SIGINT: {status}");
 }
 
+/// What a server holds in memory when it is told to stop (uses not yet flushed, denials not yet
+/// audited) is written before it exits: with the flush interval at an hour, nothing reaches the
+/// store but through the shutdown's final flush, and a second server on the same data dir finds
+/// it all.
+#[tokio::test]
+async fn sigterm_writes_the_uses_and_denials_still_held_in_memory() {
+    let cwd = tempfile::tempdir().unwrap();
+    let data = cwd.path().join("d");
+    let hourly = |cwd: &Path| {
+        let mut cmd = keyward(cwd);
+        cmd.arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--usage-flush-ms", "3600000"])
+            .arg("--data-dir")
+            .arg(&data);
+        cmd
+    };
+    let server = Server::start(&mut hourly(cwd.path()));
+    let root = server.printed_root_key().expect("root key printed");
+    let org = server.printed_org_id().expect("org id printed");
+    let (status, created) = post(
+        &server,
+        &format!("/v1/orgs/{org}/agents"),
+        &root,
+        json!({"name": "worker", "scopes": {"agents": ["read"]}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let (agent_id, key_id) = (
+        created["agent"]["id"].as_str().unwrap().to_string(),
+        created["key"]["id"].as_str().unwrap().to_string(),
+    );
+    let api_key = created["api_key"].as_str().unwrap().to_string();
+    for _ in 0..3 {
+        let (status, v) = post(&server, "/v1/keys/verify", &root, json!({"key": api_key})).await;
+        assert_eq!((status.as_u16(), &v["valid"]), (200, &json!(true)), "{v}");
+    }
+    let (status, v) = post(
+        &server,
+        &format!("/v1/orgs/{org}/agents/{agent_id}/pause"),
+        &root,
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    // A denial of a known key (audited as `auth.denied`) and a failed verification (`key.verify`).
+    let (status, v) = get(&server, &format!("/v1/orgs/{org}/agents"), Some(&api_key)).await;
+    assert_eq!(status, 403, "{v}");
+    let (status, v) = post(&server, "/v1/keys/verify", &root, json!({"key": api_key})).await;
+    assert_eq!(
+        (status.as_u16(), &v["code"]),
+        (200, &json!("AGENT_PAUSED")),
+        "{v}"
+    );
+    let (status, v) = get(&server, &format!("/v1/keys/{key_id}/usage"), Some(&root)).await;
+    assert_eq!(status, 200, "{v}");
+    let held = v["total"].clone();
+
+    assert_eq!(server.stop_with("-TERM").code(), Some(0));
+
+    let server = Server::start(&mut hourly(cwd.path()));
+    let (status, v) = get(&server, &format!("/v1/keys/{key_id}/usage"), Some(&root)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["total"], held, "the uses counted before the stop: {v}");
+    assert_eq!(v["total"]["allowed"], 3, "{v}");
+    for (action, outcome) in [("auth.denied", "denied"), ("key.verify", "denied")] {
+        let (status, v) = get(
+            &server,
+            &format!("/v1/orgs/{org}/audit?action={action}&outcome={outcome}"),
+            Some(&root),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        let events = v["events"].as_array().unwrap();
+        assert_eq!(
+            events.len(),
+            1,
+            "one {action} event written at the stop: {v}"
+        );
+        assert_eq!(events[0]["error_code"], "AGENT_PAUSED", "{v}");
+    }
+    server.stop();
+}
+
 #[test]
 fn sigterm_sent_the_moment_the_listening_line_appears_still_exits_0() {
     // Readiness is announced on stdout; a supervisor may signal right after it. The handler must

@@ -313,18 +313,7 @@ impl Bare {
             keyward_server::bootstrap::create_org(store.as_ref(), clock.as_ref(), "o")
                 .await
                 .unwrap();
-        let state = keyward_server::AppState::new(
-            ServerConfig {
-                trusted_proxies: Vec::new(),
-                master_key: MasterKey::from_bytes([42u8; 32]),
-                clock: clock.clone(),
-                cache: Default::default(),
-                usage_flush_interval: std::time::Duration::from_secs(3600),
-                failed_auth_limit: None,
-                rate_limit_backend: keyward_server::RateLimitBackend::Local,
-            },
-            store.clone(),
-        );
+        let state = Bare::state_over(store.clone(), clock.clone());
         Bare {
             state,
             store,
@@ -333,6 +322,23 @@ impl Bare {
             root,
             dir,
         }
+    }
+
+    /// The state `Bare` holds, over any store: no failed-auth throttle, the local rate limiter,
+    /// and a usage flush interval of an hour (nothing runs unless the test runs it).
+    pub fn state_over(store: Arc<dyn Store>, clock: Arc<ManualClock>) -> keyward_server::AppState {
+        keyward_server::AppState::new(
+            ServerConfig {
+                trusted_proxies: Vec::new(),
+                master_key: MasterKey::from_bytes([42u8; 32]),
+                clock,
+                cache: Default::default(),
+                usage_flush_interval: std::time::Duration::from_secs(3600),
+                failed_auth_limit: None,
+                rate_limit_backend: keyward_server::RateLimitBackend::Local,
+            },
+            store,
+        )
     }
 
     /// The root key's snapshot, through the verify cache (filled from the store on a miss).
