@@ -276,18 +276,23 @@ impl Drop for TestServer {
         }
         // Best effort, without blocking the test's runtime: psql drops the schema on its own.
         if let Some((url, schema)) = self.pg_schema.take() {
-            let _ = std::process::Command::new("psql")
-                .arg(&url)
-                .args([
-                    "-q",
-                    "-c",
-                    &format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"),
-                ])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn();
+            drop_schema(&url, &schema);
         }
     }
+}
+
+/// Drops a test's PostgreSQL schema, best effort and without waiting: `psql` does it on its own.
+pub fn drop_schema(url: &str, schema: &str) {
+    let _ = std::process::Command::new("psql")
+        .arg(url)
+        .args([
+            "-q",
+            "-c",
+            &format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
 }
 
 /// The server's state over a fresh SQLite store, without HTTP, for tests that drive
