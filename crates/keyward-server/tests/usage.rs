@@ -625,19 +625,10 @@ async fn the_final_flushes_give_up_on_a_store_that_hangs() {
     use keyward_core::model::{AuditFilter, Page};
     use keyward_server::decisions::Decision;
     use sqlx::Connection;
-    let url = match std::env::var("KEYWARD_TEST_DATABASE_URL") {
-        Ok(url) if !url.is_empty() => url,
-        _ => {
-            eprintln!("skipped: only PostgreSQL can hold a flush (KEYWARD_TEST_DATABASE_URL)");
-            return;
-        }
+    let Some((store, url, schema)) = common::postgres_store().await else {
+        eprintln!("skipped: needs KEYWARD_TEST_DATABASE_URL (only PostgreSQL can hold a flush)");
+        return;
     };
-    let schema = format!("kwh_{}", uuid::Uuid::now_v7().simple());
-    let store: Arc<dyn keyward_store::Store> = Arc::new(
-        keyward_store::postgres::PostgresStore::connect_in_schema(&url, &schema)
-            .await
-            .unwrap(),
-    );
     let clock = Arc::new(keyward_core::clock::ManualClock::new(common::t0()));
     let (org, root) = keyward_server::bootstrap::create_org(store.as_ref(), clock.as_ref(), "o")
         .await

@@ -291,6 +291,20 @@ async fn post(server: &Server, path: &str, key: &str, body: Value) -> (reqwest::
     )
 }
 
+/// Creates an agent in `org` with `root` (asserting the 201); returns the whole body (`agent`,
+/// `key`, `api_key`).
+async fn create_agent(server: &Server, org: &str, root: &str, name: &str, scopes: Value) -> Value {
+    let (status, body) = post(
+        server,
+        &format!("/v1/orgs/{org}/agents"),
+        root,
+        json!({"name": name, "scopes": scopes}),
+    )
+    .await;
+    assert_eq!(status, 201, "creating agent {name}: {body}");
+    body
+}
+
 /// `keyward serve --listen 127.0.0.1:0 --data-dir <data>` in `cwd`.
 fn serve_on(cwd: &Path, data: &Path) -> Server {
     Server::start(
@@ -495,14 +509,15 @@ async fn orgs_create_json_adds_an_org_whose_root_key_works_against_a_running_ser
         "the new org's root key must work on the running server: {body}"
     );
     assert_eq!(body["name"], "acme");
-    let (status, body) = post(
+    // The new root key can create agents.
+    create_agent(
         &server,
-        &format!("/v1/orgs/{org_id}/agents"),
+        &org_id,
         &key,
-        json!({"name": "bot", "scopes": {"slack": ["chat:write"]}}),
+        "bot",
+        json!({"slack": ["chat:write"]}),
     )
     .await;
-    assert_eq!(status, 201, "the new root key can create agents: {body}");
     let (status, body) = get(&server, &format!("/v1/orgs/{default_org}"), Some(&key)).await;
     assert_eq!(
         status, 403,
@@ -584,14 +599,7 @@ async fn an_agent_created_before_a_restart_still_authenticates_after_it() {
     let root = server.printed_root_key().expect("root key");
     let org = server.printed_org_id().expect("org id");
 
-    let (status, body) = post(
-        &server,
-        &format!("/v1/orgs/{org}/agents"),
-        &root,
-        json!({"name": "a1", "scopes": {"slack": ["chat:write"]}}),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
+    let body = create_agent(&server, &org, &root, "a1", json!({"slack": ["chat:write"]})).await;
     let agent_key = body["api_key"].as_str().expect("api_key").to_string();
     assert!(agent_key.starts_with("kw_ak_"), "{agent_key}");
     let agent_id = body["agent"]["id"].as_str().expect("agent id").to_string();
@@ -1089,14 +1097,7 @@ async fn sigterm_writes_the_uses_and_denials_still_held_in_memory() {
     let server = Server::start(&mut hourly(cwd.path()));
     let root = server.printed_root_key().expect("root key printed");
     let org = server.printed_org_id().expect("org id printed");
-    let (status, created) = post(
-        &server,
-        &format!("/v1/orgs/{org}/agents"),
-        &root,
-        json!({"name": "worker", "scopes": {"agents": ["read"]}}),
-    )
-    .await;
-    assert_eq!(status, 201, "{created}");
+    let created = create_agent(&server, &org, &root, "worker", json!({"agents": ["read"]})).await;
     let (agent_id, key_id) = (
         created["agent"]["id"].as_str().unwrap().to_string(),
         created["key"]["id"].as_str().unwrap().to_string(),

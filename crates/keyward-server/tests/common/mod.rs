@@ -108,16 +108,9 @@ impl TestServer {
         // With KEYWARD_TEST_DATABASE_URL set, every HTTP test runs on PostgreSQL, in a fresh
         // schema dropped when the server is; otherwise on SQLite in a temp dir.
         let (store, pg_schema): (Arc<dyn Store>, Option<(String, String)>) =
-            match std::env::var("KEYWARD_TEST_DATABASE_URL") {
-                Ok(url) if !url.is_empty() => {
-                    let schema = format!("kwh_{}", uuid::Uuid::now_v7().simple());
-                    let store =
-                        keyward_store::postgres::PostgresStore::connect_in_schema(&url, &schema)
-                            .await
-                            .unwrap();
-                    (Arc::new(store), Some((url, schema)))
-                }
-                _ => (
+            match postgres_store().await {
+                Some((store, url, schema)) => (store, Some((url, schema))),
+                None => (
                     Arc::new(
                         SqliteStore::open(&dir.path().join("keyward.db"))
                             .await
@@ -279,6 +272,20 @@ impl Drop for TestServer {
             drop_schema(&url, &schema);
         }
     }
+}
+
+/// A PostgreSQL store in a fresh schema, with the database URL and the schema's name, when
+/// KEYWARD_TEST_DATABASE_URL is set; `None` otherwise. The caller drops the schema
+/// ([`drop_schema`]).
+pub async fn postgres_store() -> Option<(Arc<dyn Store>, String, String)> {
+    let url = std::env::var("KEYWARD_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())?;
+    let schema = format!("kwh_{}", uuid::Uuid::now_v7().simple());
+    let store = keyward_store::postgres::PostgresStore::connect_in_schema(&url, &schema)
+        .await
+        .unwrap();
+    Some((Arc::new(store), url, schema))
 }
 
 /// Drops a test's PostgreSQL schema, best effort and without waiting: `psql` does it on its own.
