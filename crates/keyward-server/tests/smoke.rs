@@ -41,9 +41,28 @@ async fn dropping_serve_stops_its_background_tasks() {
         rate_limit_backend: keyward_server::RateLimitBackend::Local,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let serving = keyward_server::serve(config, store.clone(), listener, std::future::pending());
-    // Long enough for every task to have started and taken its clone of the state.
-    let _ = tokio::time::timeout(std::time::Duration::from_millis(200), serving).await;
+    let addr = listener.local_addr().unwrap();
+    // Boxed, so that dropping it drops the future (`tokio::pin!` would leave it on the stack).
+    let mut serving = Box::pin(keyward_server::serve(
+        config,
+        store.clone(),
+        listener,
+        std::future::pending(),
+    ));
+    // Served once: `serve` spawns its tasks (each taking its clone of the state, which holds the
+    // store) before it accepts, so by this answer every one of them holds it.
+    let answered = tokio::select! {
+        ended = &mut serving => panic!("serve ended before answering: {ended:?}"),
+        r = get_healthz(addr) => r,
+    };
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+    assert_eq!(
+        Arc::strong_count(&store),
+        2,
+        "the server's state holds the store"
+    );
+    drop(serving);
+    // Aborted tasks are dropped by the runtime, soon after but not within the drop.
     for _ in 0..100 {
         if Arc::strong_count(&store) == 1 {
             return;
@@ -54,4 +73,16 @@ async fn dropping_serve_stops_its_background_tasks() {
         "{} holders of the store remain after serve was dropped",
         Arc::strong_count(&store) - 1
     );
+}
+
+/// `GET /healthz` on a connection of its own, closed by the client once answered.
+async fn get_healthz(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: keyward\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = conn.read(&mut answer).await.unwrap();
+    String::from_utf8_lossy(&answer[..n]).into_owned()
 }
