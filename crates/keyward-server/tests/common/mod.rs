@@ -302,6 +302,21 @@ pub fn drop_schema(url: &str, schema: &str) {
         .spawn();
 }
 
+/// Settings for a server whose chores stay out of a test's way: no failed-auth throttle, the
+/// local rate limiter, and a usage flush interval of an hour (nothing is flushed unless the test
+/// flushes it or the server stops).
+pub fn quiet_config(clock: Arc<dyn Clock>) -> ServerConfig {
+    ServerConfig {
+        trusted_proxies: Vec::new(),
+        master_key: MasterKey::from_bytes([42u8; 32]),
+        clock,
+        cache: Default::default(),
+        usage_flush_interval: std::time::Duration::from_secs(3600),
+        failed_auth_limit: None,
+        rate_limit_backend: keyward_server::RateLimitBackend::Local,
+    }
+}
+
 /// The server's state over a fresh SQLite store, without HTTP, for tests that drive
 /// `AppState` directly (a request dropped midway, a background chore run by hand). The usage
 /// flush interval is an hour: nothing runs unless the test runs it.
@@ -336,21 +351,9 @@ impl Bare {
         }
     }
 
-    /// The state `Bare` holds, over any store: no failed-auth throttle, the local rate limiter,
-    /// and a usage flush interval of an hour (nothing runs unless the test runs it).
+    /// The state `Bare` holds, over any store, with [`quiet_config`].
     pub fn state_over(store: Arc<dyn Store>, clock: Arc<ManualClock>) -> keyward_server::AppState {
-        keyward_server::AppState::new(
-            ServerConfig {
-                trusted_proxies: Vec::new(),
-                master_key: MasterKey::from_bytes([42u8; 32]),
-                clock,
-                cache: Default::default(),
-                usage_flush_interval: std::time::Duration::from_secs(3600),
-                failed_auth_limit: None,
-                rate_limit_backend: keyward_server::RateLimitBackend::Local,
-            },
-            store,
-        )
+        keyward_server::AppState::new(quiet_config(clock), store)
     }
 
     /// The root key's snapshot, through the verify cache (filled from the store on a miss).
