@@ -109,7 +109,7 @@ async fn setup() -> Setup {
         .create_agent(&agent, &minted.key, std::slice::from_ref(&event), None)
         .await
         .unwrap();
-    let scopes = minted.key.scopes.clone();
+    let scopes = minted.key.scopes.to_vec();
     let (keys, many): (Vec<_>, Vec<_>) = (0..MANY)
         .map(|_| {
             let (k, plain) = keyward_core::model::Key::mint(

@@ -15,17 +15,19 @@
 //!
 //! Why not moka (DESIGN.md's pick for caches): a moka hit measured 185 ns here, more than twice
 //! the SHA-256 of the token, and verification is what Keyward exists for. This map is a sharded
-//! `RwLock<HashMap>` keyed by the digest, hashed by its own first eight bytes (a SHA-256 output
-//! is already uniform), with random eviction when a shard is full: small, and a hit costs a read
-//! lock, one probe and an `Arc` clone.
+//! `RwLock<hashbrown::HashTable>` whose entries hold part of the digest (the tag) beside the
+//! snapshot and the key's live state, hashed by the tag itself (a SHA-256 output is already
+//! uniform), with random eviction when a shard is full: small, and a hit costs a read lock, one
+//! probe and an `Arc` clone. Finding the entry reads only the table, so the snapshot and the live
+//! state are then fetched together rather than one after the other.
 
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use keyward_core::gcra::Gcra;
 use keyward_core::model::{AgentStatus, Key, OrgPolicy, RateLimit, Rule};
+use keyward_core::scope::{Scope, Scopes};
 use keyward_core::token::TokenDigest;
 use keyward_store::{KeyWithAgent, Store, StoreError};
 
@@ -133,30 +135,50 @@ pub fn resolve_rate(key: &Key, policy: &OrgPolicy) -> Option<Gcra> {
     Gcra::new(spec.limit, spec.period_s, spec.burst)
 }
 
-/// One copy of each scope and agent-name text the cache's snapshots hold. An agent's keys
-/// usually share their scopes and always their agent's name; kept once, those texts stay in the
-/// processor's cache while verifications of different keys read them (each was a cache miss of
-/// its own, and 16 bytes or more of memory per key). Bounded: past `MAX` texts the table starts
+/// One copy of each scope list, scope text and agent name the cache's snapshots hold. An
+/// agent's keys usually share their scopes and always their agent's name; kept once, those stay
+/// in the processor's cache while verifications of different keys read them (a key's own list
+/// was a cache miss of its own on every verification, and 16 bytes or more of memory per key). Bounded: past `MAX` texts the table starts
 /// again (snapshots keep the texts they hold).
 #[derive(Default)]
 pub struct Texts {
-    scopes: Mutex<std::collections::HashSet<keyward_core::scope::Scope>>,
+    scopes: Mutex<ScopeTexts>,
     names: Mutex<std::collections::HashSet<Arc<str>>>,
+}
+
+/// The scope lists [`Texts`] keeps, and the scope texts they are made of.
+#[derive(Default)]
+struct ScopeTexts {
+    lists: std::collections::HashSet<Scopes>,
+    texts: std::collections::HashSet<Scope>,
 }
 
 impl Texts {
     const MAX: usize = 100_000;
 
-    fn scope(&self, s: keyward_core::scope::Scope) -> keyward_core::scope::Scope {
+    /// One shared copy of a scope list (and of each scope text in it, for lists that differ).
+    fn scopes(&self, list: &Scopes) -> Scopes {
         let mut g = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(kept) = g.get(&s) {
+        if let Some(kept) = g.lists.get(list) {
             return kept.clone();
         }
-        if g.len() >= Self::MAX {
-            g.clear();
+        if g.lists.len() >= Self::MAX || g.texts.len() >= Self::MAX {
+            g.lists.clear();
+            g.texts.clear();
         }
-        g.insert(s.clone());
-        s
+        let texts = &mut g.texts;
+        let shared: Scopes = list
+            .iter()
+            .map(|s| match texts.get(s) {
+                Some(kept) => kept.clone(),
+                None => {
+                    texts.insert(s.clone());
+                    s.clone()
+                }
+            })
+            .collect();
+        g.lists.insert(shared.clone());
+        shared
     }
 
     fn name(&self, n: &str) -> Arc<str> {
@@ -182,10 +204,7 @@ impl Prepared {
         texts: &Texts,
         stamp: Stamp,
     ) -> Prepared {
-        found.key.scopes = std::mem::take(&mut found.key.scopes)
-            .into_iter()
-            .map(|s| texts.scope(s))
-            .collect();
+        found.key.scopes = texts.scopes(&found.key.scopes);
         let mut rules = found.org_policy.rules.clone();
         if let Some(p) = &found.agent_policy {
             // Agent policies are validated on write; a rule that no longer parses is skipped
@@ -214,13 +233,15 @@ impl Prepared {
 
 impl Prepared {
     /// Starts loading, all at once, the memory a verification of this key will read: its live
-    /// state, its scopes and its agent's name are separate allocations that each cost a cache
-    /// miss, and reading them one after another as the checks reach them serialised those misses
-    /// (with 10,000 keys verified at random, 0.8 us of a verification's CPU time was memory
-    /// stalls). Reading one byte of each here lets the processor fetch them in parallel.
+    /// state (`live`, this snapshot's, passed from beside it in the cache's table so that its
+    /// load need not wait for this snapshot's), its scopes and its agent's name are separate
+    /// allocations that each cost a cache miss, and reading them one after another as the checks
+    /// reach them serialised those misses (with 10,000 keys verified at random, 0.8 us of a
+    /// verification's CPU time was memory stalls). Reading one byte of each here lets the
+    /// processor fetch them in parallel.
     #[inline]
-    pub fn warm(&self) {
-        let touched = self.live.key_id.as_bytes()[0]
+    fn warm(&self, live: &KeyState) {
+        let touched = live.key_id.as_bytes()[0]
             ^ self
                 .key
                 .scopes
@@ -254,39 +275,57 @@ fn prepare(
         .map(|k| Arc::new(Prepared::from_store(k, meter, texts, stamp)))
 }
 
-/// Hashes a digest by its first eight bytes: a SHA-256 output is uniformly distributed already.
-#[derive(Default)]
-struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // `TokenDigest`'s derived `Hash` writes the 32-byte array (after its length prefix).
-        if bytes.len() >= 8 {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&bytes[..8]);
-            self.0 ^= u64::from_le_bytes(b);
-        }
-    }
-    fn write_usize(&mut self, _: usize) {}
+/// A digest's place in a shard's table: its bytes 16..32, the tag. The table hashes by the
+/// tag's first half (a SHA-256 output is uniform already) and finds an entry by comparing the
+/// whole tag, which the entry holds inline: finding a key reads only the table, and the key's
+/// own allocations are then all asked for at once (see [`Cached::warm`]). Byte 8 picks the
+/// shard, so shard and hash are independent.
+fn tag_of(d: &TokenDigest) -> [u64; 2] {
+    let half = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&d.0[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    [half(16), half(24)]
 }
 
 const SHARDS: usize = 64;
 
-/// What a cache slot holds: found by its digest, current while its stamp is.
+/// What a cache entry holds: found by its digest, current while its stamp is.
 trait Cached: Clone {
+    /// What a hit hands out.
+    type Out;
     fn digest(&self) -> &TokenDigest;
     fn stamp(&self) -> Stamp;
+    /// Starts loading what a hit reads next. Called as soon as the entry is found, before the
+    /// digest and stamp are read, so every allocation a hit reads is fetched at once.
+    #[inline]
+    fn warm(&self) {}
+    fn out(&self) -> Self::Out;
 }
 
-impl Cached for Arc<Prepared> {
+/// A cached key: its snapshot, and its live state beside it (also reachable through the
+/// snapshot) so the two load together rather than one after the other.
+#[derive(Clone)]
+struct Found {
+    snap: Arc<Prepared>,
+    live: Arc<KeyState>,
+}
+
+impl Cached for Found {
+    type Out = Arc<Prepared>;
     fn digest(&self) -> &TokenDigest {
-        &self.key.digest
+        &self.snap.key.digest
     }
     fn stamp(&self) -> Stamp {
-        self.stamp
+        self.snap.stamp
+    }
+    #[inline]
+    fn warm(&self) {
+        self.snap.warm(&self.live)
+    }
+    fn out(&self) -> Arc<Prepared> {
+        self.snap.clone()
     }
 }
 
@@ -298,44 +337,40 @@ struct Unknown {
 }
 
 impl Cached for Unknown {
+    type Out = ();
     fn digest(&self) -> &TokenDigest {
         &self.digest
     }
     fn stamp(&self) -> Stamp {
         self.stamp
     }
+    fn out(&self) {}
 }
 
-/// A slot of a shard's set: hashed and compared by its digest (in constant time, as digests
-/// always are), so the set is a map from digest to the value without storing the digest twice.
-#[derive(Clone)]
-struct Slot<V>(V);
+/// An entry of a shard's table.
+struct Entry<V> {
+    tag: [u64; 2],
+    value: V,
+}
 
-impl<V: Cached> std::hash::Hash for Slot<V> {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.digest().hash(state)
+impl<V> Entry<V> {
+    /// Whether this entry has `tag`, without branching on where the two differ (tags are part
+    /// of a digest, and digests are always compared in constant time).
+    #[inline]
+    fn is(&self, tag: &[u64; 2]) -> bool {
+        ((self.tag[0] ^ tag[0]) | (self.tag[1] ^ tag[1])) == 0
+    }
+
+    fn hash(&self) -> u64 {
+        self.tag[0]
     }
 }
 
-impl<V: Cached> PartialEq for Slot<V> {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.digest() == other.0.digest()
-    }
-}
-
-impl<V: Cached> Eq for Slot<V> {}
-
-impl<V: Cached> std::borrow::Borrow<TokenDigest> for Slot<V> {
-    fn borrow(&self) -> &TokenDigest {
-        self.0.digest()
-    }
-}
-
-type DigestSet<V> = std::collections::HashSet<Slot<V>, BuildHasherDefault<DigestHasher>>;
+type Table<V> = hashbrown::HashTable<Entry<V>>;
 
 /// One sharded, bounded map from digest to value, with TTL and generation stamps.
 struct Map<V> {
-    shards: Vec<RwLock<DigestSet<V>>>,
+    shards: Vec<RwLock<Table<V>>>,
     per_shard: usize,
     ttl_ms: i64,
 }
@@ -343,9 +378,7 @@ struct Map<V> {
 impl<V: Cached> Map<V> {
     fn new(capacity: u64, ttl: Duration) -> Map<V> {
         Map {
-            shards: (0..SHARDS)
-                .map(|_| RwLock::new(DigestSet::default()))
-                .collect(),
+            shards: (0..SHARDS).map(|_| RwLock::new(Table::new())).collect(),
             per_shard: ((capacity as usize) / SHARDS).max(1),
             ttl_ms: ttl.as_millis().min(i64::MAX as u128) as i64,
         }
@@ -355,47 +388,55 @@ impl<V: Cached> Map<V> {
         Stamp::new(generation, now_ms, self.ttl_ms)
     }
 
-    fn shard(&self, d: &TokenDigest) -> &RwLock<DigestSet<V>> {
-        // Bytes 8.. pick the shard; bytes ..8 hash within it, so the two are independent.
+    fn shard(&self, d: &TokenDigest) -> &RwLock<Table<V>> {
         &self.shards[d.0[8] as usize % SHARDS]
     }
 
-    fn get(&self, d: &TokenDigest, generation: u64, now: i64) -> Option<V> {
+    fn get(&self, d: &TokenDigest, generation: u64, now: i64) -> Option<V::Out> {
+        let tag = tag_of(d);
         let g = self.shard(d).read().unwrap_or_else(|e| e.into_inner());
-        g.get(d)
-            .filter(|s| s.0.stamp().current(generation, now))
-            .map(|s| s.0.clone())
+        let e = g.find(tag[0], |e| e.is(&tag))?;
+        e.value.warm();
+        // The whole digest: two digests sharing a tag are a SHA-256 near-collision, but an
+        // entry answers only for its own.
+        (e.value.digest() == d && e.value.stamp().current(generation, now)).then(|| e.value.out())
     }
 
     fn insert(&self, value: V, generation: u64, now: i64) {
-        let d = *value.digest();
-        let mut g = self.shard(&d).write().unwrap_or_else(|e| e.into_inner());
-        if g.len() >= self.per_shard && !g.contains(&d) {
+        let tag = tag_of(value.digest());
+        let mut g = self
+            .shard(value.digest())
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = g.find_mut(tag[0], |e| e.is(&tag)) {
+            e.value = value;
+            return;
+        }
+        if g.len() >= self.per_shard {
             // Full: drop what is stale first, then an arbitrary eighth (digests are random, so
-            // iteration order is too: this is random eviction).
+            // the table's order is too: this is random eviction).
             let before = g.len();
-            g.retain(|s| s.0.stamp().current(generation, now));
+            g.retain(|e| e.value.stamp().current(generation, now));
             if g.len() >= self.per_shard {
-                let drop: Vec<TokenDigest> = g
-                    .iter()
-                    .take((self.per_shard / 8).max(1))
-                    .map(|s| *s.0.digest())
-                    .collect();
-                for k in drop {
-                    g.remove(&k);
-                }
+                let mut drop = (self.per_shard / 8).max(1);
+                g.retain(|_| {
+                    let keep = drop == 0;
+                    drop = drop.saturating_sub(1);
+                    keep
+                });
             }
             metrics::counter!("keyward_verify_cache_evictions_total")
                 .increment((before - g.len()) as u64);
         }
-        g.replace(Slot(value));
+        g.insert_unique(tag[0], Entry { tag, value }, Entry::hash);
     }
 
     fn remove(&self, d: &TokenDigest) {
-        self.shard(d)
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(d);
+        let tag = tag_of(d);
+        let mut g = self.shard(d).write().unwrap_or_else(|e| e.into_inner());
+        if let Ok(e) = g.find_entry(tag[0], |e| e.is(&tag)) {
+            e.remove();
+        }
     }
 
     fn len(&self) -> usize {
@@ -467,7 +508,7 @@ impl Drop for Joined<'_> {
 
 /// The cache itself.
 pub struct VerifyCache {
-    found: Map<Arc<Prepared>>,
+    found: Map<Found>,
     missing: Map<Unknown>,
     /// Whole agent records by id, for `GET /v1/me` (shared by all of an agent's keys).
     agents: RwLock<rustc_hash::FxHashMap<uuid::Uuid, (u64, Arc<keyward_core::model::Agent>)>>,
@@ -614,7 +655,14 @@ impl VerifyCache {
                 };
                 if let Ok(v) = &r {
                     match v {
-                        Some(p) => self.found.insert(p.clone(), generation, now_ms),
+                        Some(p) => self.found.insert(
+                            Found {
+                                snap: p.clone(),
+                                live: p.live.clone(),
+                            },
+                            generation,
+                            now_ms,
+                        ),
                         None => self.missing.insert(
                             Unknown {
                                 digest,
@@ -697,8 +745,9 @@ impl VerifyCache {
 
 #[cfg(test)]
 mod tests {
-    use super::{InflightMap, Joined, Loaded};
+    use super::{InflightMap, Joined, Loaded, Map, Unknown, SHARDS};
     use keyward_core::token::TokenDigest;
+    use std::time::Duration;
 
     fn at(n: u8) -> (TokenDigest, u64) {
         (TokenDigest([n; 32]), 0)
@@ -706,6 +755,92 @@ mod tests {
 
     fn entries(m: &InflightMap) -> usize {
         m.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// A digest whose bytes 8 (the shard), 16..32 (the tag) and the rest are given.
+    fn digest(shard: u8, tag: u8, rest: u8) -> TokenDigest {
+        let mut d = [rest; 32];
+        d[8] = shard;
+        d[16..].fill(tag);
+        TokenDigest(d)
+    }
+
+    fn unknown(m: &Map<Unknown>, d: TokenDigest, generation: u64, now: i64) -> Unknown {
+        Unknown {
+            digest: d,
+            stamp: m.stamp(generation, now),
+        }
+    }
+
+    /// The table finds entries by their tag alone; an entry still answers only for its own
+    /// digest, and a digest that shares its tag replaces it rather than sitting beside it.
+    #[test]
+    fn an_entry_answers_only_for_its_own_digest() {
+        let m: Map<Unknown> = Map::new(1000, Duration::from_secs(10));
+        let (a, b) = (digest(1, 7, 1), digest(1, 7, 2));
+        m.insert(unknown(&m, a, 0, 0), 0, 0);
+        assert!(m.get(&a, 0, 0).is_some());
+        assert!(m.get(&b, 0, 0).is_none(), "same tag, another digest");
+        assert!(m.get(&digest(1, 8, 1), 0, 0).is_none(), "another tag");
+        m.insert(unknown(&m, b, 0, 0), 0, 0);
+        assert_eq!(m.len(), 1);
+        assert!(m.get(&b, 0, 0).is_some());
+        assert!(m.get(&a, 0, 0).is_none());
+    }
+
+    /// Stale entries (older generation, or past their TTL) are misses; inserting a digest again
+    /// refreshes it in place; removing it removes it.
+    #[test]
+    fn stale_entries_miss_and_entries_refresh_in_place() {
+        let m: Map<Unknown> = Map::new(1000, Duration::from_millis(100));
+        let a = digest(3, 1, 1);
+        m.insert(unknown(&m, a, 0, 0), 0, 0);
+        assert!(m.get(&a, 0, 99).is_some());
+        assert!(m.get(&a, 0, 100).is_none(), "expired");
+        assert!(m.get(&a, 1, 50).is_none(), "invalidated");
+        m.insert(unknown(&m, a, 1, 50), 1, 50);
+        assert_eq!(m.len(), 1);
+        assert!(m.get(&a, 1, 140).is_some());
+        m.remove(&a);
+        assert_eq!(m.len(), 0);
+        assert!(m.get(&a, 1, 140).is_none());
+    }
+
+    /// A full shard drops its stale entries first, then an eighth of the rest; it never holds
+    /// more than its share of the capacity, and the newest entry is always kept.
+    #[test]
+    fn a_full_shard_evicts_stale_entries_first_then_some_at_random() {
+        let per_shard = 16;
+        let m: Map<Unknown> = Map::new((per_shard * SHARDS) as u64, Duration::from_secs(10));
+        // Half of the shard from generation 0, then the other half from generation 1.
+        for n in 0..per_shard as u8 {
+            let generation = u64::from(n >= 8);
+            m.insert(unknown(&m, digest(5, n, n), generation, 0), generation, 0);
+        }
+        assert_eq!(m.len(), per_shard);
+        let newest = digest(5, 100, 100);
+        m.insert(unknown(&m, newest, 1, 0), 1, 0);
+        assert_eq!(
+            m.len(),
+            9,
+            "the 8 stale entries went, the 8 current ones stayed"
+        );
+        for n in 8..per_shard as u8 {
+            assert!(m.get(&digest(5, n, n), 1, 0).is_some());
+        }
+        for n in 101..140u8 {
+            m.insert(unknown(&m, digest(5, n, n), 1, 0), 1, 0);
+            assert!(m.len() <= per_shard);
+            assert!(
+                m.get(&digest(5, n, n), 1, 0).is_some(),
+                "the newest is kept"
+            );
+        }
+        assert!(m.len() >= per_shard - per_shard / 8);
+        // Other shards are untouched by this one's evictions.
+        let elsewhere = digest(6, 1, 1);
+        m.insert(unknown(&m, elsewhere, 1, 0), 1, 0);
+        assert!(m.get(&elsewhere, 1, 0).is_some());
     }
 
     /// A finished read leaves the map with its first reader, whoever else still holds it.

@@ -147,7 +147,7 @@ pub(crate) fn row_to_key<R: Columns>(row: &R) -> StoreResult<Key> {
         name: get(row, "name")?,
         start: get(row, "start")?,
         digest: TokenDigest::from_slice(&digest).ok_or_else(|| corrupt("digest"))?,
-        scopes,
+        scopes: scopes.into(),
         cidr_allowlist,
         rate_limit: get::<Option<String>>(row, "rate_limit")?
             .map(|s| from_json(&s, "rate limit"))

@@ -209,7 +209,8 @@ fn rich_key(org_id: Uuid, agent_id: Option<Uuid>, kind: TokenKind) -> Key {
         Scope::parse("slack:chat:write").expect("scope"),
         Scope::parse("github:*").expect("scope"),
         Scope::parse("keys:derive").expect("scope"),
-    ];
+    ]
+    .into();
     k.cidr_allowlist = keyward_core::cidr::parse_allowlist(&[
         "10.0.0.0/8".to_string(),
         "203.0.113.7/32".to_string(),
