@@ -76,8 +76,8 @@ impl Default for CacheSettings {
 #[derive(Debug, Clone)]
 #[repr(C)]
 pub struct Prepared {
-    /// When this snapshot was taken, for the cache (kept here rather than beside it in the map:
-    /// the map then holds one pointer per key).
+    /// When this snapshot was taken, for the cache (kept here rather than in the map's entry,
+    /// which stays 32 bytes: the snapshot is read on every hit anyway).
     pub stamp: Stamp,
     pub agent_status: Option<AgentStatus>,
     /// The key's live traffic state (use counts, quota, its own rate-limit bucket).
@@ -138,8 +138,9 @@ pub fn resolve_rate(key: &Key, policy: &OrgPolicy) -> Option<Gcra> {
 /// One copy of each scope list, scope text and agent name the cache's snapshots hold. An
 /// agent's keys usually share their scopes and always their agent's name; kept once, those stay
 /// in the processor's cache while verifications of different keys read them (a key's own list
-/// was a cache miss of its own on every verification, and 16 bytes or more of memory per key). Bounded: past `MAX` texts the table starts
-/// again (snapshots keep the texts they hold).
+/// was a cache miss of its own on every verification, and 16 bytes or more of memory per key).
+/// Bounded: past `MAX` texts, or `MAX` scopes in the kept lists together, the table starts again
+/// (snapshots keep what they hold).
 #[derive(Default)]
 pub struct Texts {
     scopes: Mutex<ScopeTexts>,
@@ -151,6 +152,9 @@ pub struct Texts {
 struct ScopeTexts {
     lists: std::collections::HashSet<Scopes>,
     texts: std::collections::HashSet<Scope>,
+    /// The scopes of all the kept lists together: the bound is on these, not on the number of
+    /// lists (a key may hold hundreds of scopes).
+    listed: usize,
 }
 
 impl Texts {
@@ -162,10 +166,12 @@ impl Texts {
         if let Some(kept) = g.lists.get(list) {
             return kept.clone();
         }
-        if g.lists.len() >= Self::MAX || g.texts.len() >= Self::MAX {
+        if g.listed + list.len() > Self::MAX || g.texts.len() >= Self::MAX {
             g.lists.clear();
             g.texts.clear();
+            g.listed = 0;
         }
+        g.listed += list.len();
         let texts = &mut g.texts;
         let shared: Scopes = list
             .iter()
@@ -745,7 +751,7 @@ impl VerifyCache {
 
 #[cfg(test)]
 mod tests {
-    use super::{InflightMap, Joined, Loaded, Map, Unknown, SHARDS};
+    use super::{InflightMap, Joined, Loaded, Map, Texts, Unknown, SHARDS};
     use keyward_core::token::TokenDigest;
     use std::time::Duration;
 
@@ -841,6 +847,31 @@ mod tests {
         let elsewhere = digest(6, 1, 1);
         m.insert(unknown(&m, elsewhere, 1, 0), 1, 0);
         assert!(m.get(&elsewhere, 1, 0).is_some());
+    }
+
+    /// Equal scope lists share one copy with the same contents in the same order; the kept
+    /// lists are bounded by their scopes together, not by their number.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn scope_lists_are_shared_and_bounded_by_their_scopes() {
+        use keyward_core::scope::{Scope, Scopes};
+        let list =
+            |names: &[&str]| -> Scopes { names.iter().map(|n| Scope::parse(n).unwrap()).collect() };
+        let t = Texts::default();
+        let a = t.scopes(&list(&["b:x", "a:y"]));
+        let b = t.scopes(&list(&["b:x", "a:y"]));
+        assert_eq!(a, list(&["b:x", "a:y"]));
+        assert!(std::ptr::eq(a.as_ptr(), b.as_ptr()), "one copy");
+        let other = t.scopes(&list(&["a:y", "b:x"]));
+        assert!(!std::ptr::eq(a.as_ptr(), other.as_ptr()), "order is kept");
+        assert_eq!(other[0].as_str(), "a:y");
+        let long: Scopes = (0..Texts::MAX - 3)
+            .map(|i| Scope::parse(&format!("s:{i}")).unwrap())
+            .collect();
+        t.scopes(&long);
+        let g = t.scopes.lock().unwrap();
+        assert_eq!(g.lists.len(), 1, "past the bound the table started again");
+        assert_eq!(g.listed, Texts::MAX - 3);
     }
 
     /// A finished read leaves the map with its first reader, whoever else still holds it.
