@@ -396,11 +396,27 @@ async fn key_tx(tx: &mut Transaction<'static, Sqlite>, id: Uuid) -> StoreResult<
 
 #[async_trait]
 impl Store for SqliteStore {
-    /// Closes every connection, the writer's last: the last connection to close checkpoints the
-    /// WAL into the main file.
+    /// Closes every connection, the writer's last, after checkpointing the WAL into the main
+    /// file and truncating it. The last connection to close would checkpoint too, but only if
+    /// no other connection to the file is open at that moment, which nothing here can see (a CI
+    /// run once found a 284 KB WAL left after a graceful stop): the explicit checkpoint leaves
+    /// the data file complete whatever closes when.
     async fn close(&self) {
         self.hot.close();
         self.reader.close().await;
+        match sqlx::query_as::<_, (i64, i64, i64)>("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.writer)
+            .await
+        {
+            Ok((0, _, _)) => {}
+            Ok((busy, log, done)) => tracing::warn!(
+                busy,
+                log,
+                done,
+                "the WAL could not be checkpointed in full at close"
+            ),
+            Err(e) => tracing::warn!(error = %e, "the WAL could not be checkpointed at close"),
+        }
         self.writer.close().await;
     }
 
