@@ -174,25 +174,12 @@ impl Serialize for Scope {
 /// A key's scope list: shared and immutable (`Arc<[Scope]>`), read as a `[Scope]`. Keys that
 /// hold the same list can hold one copy of it (the server's key cache does): with many keys
 /// verified in turn, a list of its own was a cache miss of its own on every verification.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Deserialize)]
-#[serde(from = "Vec<Scope>")]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Scopes(std::sync::Arc<[Scope]>);
 
 impl std::ops::Deref for Scopes {
     type Target = [Scope];
     fn deref(&self) -> &[Scope] {
-        &self.0
-    }
-}
-
-impl std::borrow::Borrow<[Scope]> for Scopes {
-    fn borrow(&self) -> &[Scope] {
-        &self.0
-    }
-}
-
-impl AsRef<[Scope]> for Scopes {
-    fn as_ref(&self) -> &[Scope] {
         &self.0
     }
 }
@@ -206,26 +193,6 @@ impl From<Vec<Scope>> for Scopes {
 impl FromIterator<Scope> for Scopes {
     fn from_iter<I: IntoIterator<Item = Scope>>(iter: I) -> Scopes {
         Scopes(iter.into_iter().collect())
-    }
-}
-
-impl<'a> IntoIterator for &'a Scopes {
-    type Item = &'a Scope;
-    type IntoIter = std::slice::Iter<'a, Scope>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.iter()
-    }
-}
-
-impl PartialEq<Vec<Scope>> for Scopes {
-    fn eq(&self, other: &Vec<Scope>) -> bool {
-        *self.0 == **other
-    }
-}
-
-impl Serialize for Scopes {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter())
     }
 }
 

@@ -498,7 +498,6 @@ pub async fn verify_key(
         Err(e) if e.code == ErrorCode::InvalidApiKey => return Ok(count(Verified::invalid())),
         Err(e) => return Err(e),
     };
-    // (The cache lookup already asked for the memory the checks read: `Prepared::warm`.)
     let d = decide(state, &p, body, given, client_ip, &required, now_ms).await;
     // A verification counts against the verified key exactly like a direct call: the traffic
     // controls counted it if it reached them; a denial before them is counted here.
